@@ -1,0 +1,46 @@
+"""Chameleon: one 32×32 grid of VQ tokens per image (tiny presets: resolution / 2^(levels−1))."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..config import SCRConfig
+from .base import VLMFamily, register_family, square_side
+
+
+@register_family
+class ChameleonFamily(VLMFamily):
+    name = "chameleon"
+    display_name = "Chameleon"
+    model_types = ("chameleon",)
+    model_class = "ChameleonForConditionalGeneration"
+    processor_class = "ChameleonProcessor"
+    layers_path = "model.layers"
+    prompt_template = "{images}{prompt}"
+    scr_defaults = SCRConfig(layers=(0, 15), diag_layers=(8, 16))
+    grid_rule = "VQ latent (resolution / 2^(levels-1))², row-major, one grid per image"
+
+    @property
+    def image_token_id(self) -> int:
+        return int(self.config.image_token_id)
+
+    @property
+    def grid_side(self) -> int:
+        vq = self.config.vq_config
+        return vq.resolution // 2 ** (len(vq.channel_multiplier) - 1)
+
+    @property
+    def image_seq_length(self) -> int:
+        return int(self.processor_config.get("image_seq_length", self.grid_side ** 2))
+
+    def expansion_attributes(self, image_inputs):
+        return {"image_start_token": "<racm3:break>", "image_end_token": "<eoss>", "image_token": self.placeholder,
+                "image_seq_length": self.image_seq_length}
+
+    def image_grids(self, image_index: int, extras: dict[str, Any]) -> list[tuple[int, int]]:
+        side = square_side(self.image_seq_length, "Chameleon image")
+        return [(side, side)]
+
+    def expected_image_count(self, extras):
+        pv = extras.get("pixel_values")
+        return None if pv is None else int(pv.shape[0])

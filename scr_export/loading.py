@@ -1,0 +1,92 @@
+"""Resolve MODEL (a preset name or a local checkpoint directory) to a family adapter with model and processor."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from .errors import ModelLoadError
+from .families import FAMILIES, QWEN_VL_MODEL_TYPES, VLMFamily, family_for_model_type, refuse_qwen_vl
+from .presets import PRESETS, ensure_preset
+
+
+def read_checkpoint_config(path: Path) -> dict[str, Any]:
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise ModelLoadError(f"{path} has no config.json, so it is not a transformers checkpoint directory",
+                             "pass a directory written by save_pretrained, or a preset: " + ", ".join(PRESETS))
+    try:
+        return json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"{cfg_file} is not valid JSON ({exc})", "restore the checkpoint's config.json") from None
+
+
+def detect_family(path: Path) -> type[VLMFamily]:
+    """The family of a local checkpoint, from its config.json ``model_type``."""
+    cfg = read_checkpoint_config(path)
+    model_type = cfg.get("model_type")
+    if model_type in QWEN_VL_MODEL_TYPES and "visual" in cfg:
+        refuse_qwen_vl(str(path))
+    fam = family_for_model_type(model_type)
+    if fam is not None:
+        return fam
+    supported = ", ".join(f"{f.display_name} ({'/'.join(f.model_types)})" for f in FAMILIES.values())
+    if "vision_config" in cfg or "vq_config" in cfg or "visual" in cfg:
+        raise ModelLoadError(f"{path} is a vision-language model of type {model_type!r}, which scr-export does not support",
+                             f"supported families: {supported}")
+    raise ModelLoadError(f"{path} (model_type {model_type!r}) is not a vision-language model",
+                         f"SCR needs image tokens; use a VLM checkpoint of a supported family: {supported}")
+
+
+def resolve_model_path(spec: str) -> tuple[Path, str | None]:
+    """(checkpoint directory, preset name or None)."""
+    if spec in PRESETS:
+        return ensure_preset(spec), spec
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise ModelLoadError(f"{spec!r} is neither a preset nor an existing directory",
+                             f"presets: {', '.join(PRESETS)}; or pass a local checkpoint directory "
+                             "(nothing is downloaded)")
+    if not path.is_dir():
+        raise ModelLoadError(f"{spec} is a file, not a checkpoint directory",
+                             "pass the directory that holds config.json and the weights")
+    return path, None
+
+
+def load_vlm(spec: str, *, dtype: str = "float32") -> VLMFamily:
+    """Load MODEL with eager attention (the diagnostic pass needs attention probabilities)."""
+    import torch
+    import transformers
+
+    path, preset = resolve_model_path(spec)
+    fam_cls = detect_family(path)
+    torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+    quiet = logging.getLogger("transformers")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        transformers.utils.logging.disable_progress_bar()
+        model_cls = getattr(transformers, fam_cls.model_class)
+        try:
+            model = model_cls.from_pretrained(path, attn_implementation="eager", dtype=torch_dtype)
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"cannot load the {fam_cls.display_name} weights from {path}: {exc}",
+                                 "check that the directory holds the model's weights (safetensors) and config") from None
+        try:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+            image_processor = transformers.AutoImageProcessor.from_pretrained(path)
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"cannot load the tokenizer / image processor from {path}: {exc}",
+                                 "the checkpoint directory needs its tokenizer and preprocessor_config.json") from None
+    finally:
+        quiet.setLevel(level)
+    model.eval()
+    pc_file = path / "processor_config.json"
+    processor_config = json.loads(pc_file.read_text()) if pc_file.is_file() else {}
+    fam = fam_cls(model, tokenizer, image_processor, processor_config)
+    fam.source = spec
+    fam.path = path
+    fam.preset = preset
+    return fam

@@ -1,0 +1,85 @@
+"""From images and prompt strings to model inputs plus the image layout (spans and grids)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import InputError
+from .families import VLMFamily
+from .layout import ImageSpan
+
+
+@dataclasses.dataclass
+class VLMInputs:
+    """Tokenised, padded inputs of a batch, with where each image's tokens are."""
+
+    tensors: dict[str, Any]                # input_ids, attention_mask, pixel_values, family extras (torch)
+    layouts: list[list[ImageSpan]]         # per batch row
+    texts: list[str]                       # the expanded prompt text per row
+
+    @property
+    def input_ids(self):
+        return self.tensors["input_ids"]
+
+    @property
+    def attention_mask(self):
+        return self.tensors["attention_mask"]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.input_ids.shape)  # type: ignore[return-value]
+
+
+def load_image(path: str | Path):
+    """Open an image file as RGB, with a clear error for a missing or unreadable file."""
+    from PIL import Image, UnidentifiedImageError
+
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"image {path} does not exist", "pass the path of a PNG/JPEG file")
+    try:
+        with Image.open(p) as im:
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError) as exc:
+        raise InputError(f"image {path} cannot be read ({exc})", "pass a valid PNG/JPEG image file") from None
+
+
+def encode(family: VLMFamily, images: Sequence[Sequence[Any]], prompts: Sequence[str]) -> VLMInputs:
+    """Encode a batch: ``images[b]`` are the PIL images of prompt ``prompts[b]`` (left padding)."""
+    import torch
+
+    if len(images) != len(prompts):
+        raise InputError(f"{len(prompts)} prompts but {len(images)} image lists", "give one image list per prompt")
+    flat = [im for row in images for im in row]
+    if not flat:
+        raise InputError("no image was given", "SCR edits image tokens: pass at least one image")
+    for im in flat:
+        w, h = im.size
+        if w < 2 or h < 2:
+            raise InputError(f"an image of {w}×{h} pixels is too small for the model",
+                             "pass an image of at least a few dozen pixels per side")
+    try:
+        image_inputs = family.process_images(flat)
+    except InputError:
+        raise
+    except Exception as exc:  # the image processor's own complaint, made actionable
+        raise InputError(f"the {family.display_name} image processor rejected the image ({exc})",
+                         "pass an RGB image the model can take (PNG/JPEG, a sensible size)") from None
+    texts, idx = [], 0
+    for row, prompt in zip(images, prompts):
+        text = family.format_prompt(prompt, len(row))
+        text, idx = family.expand_placeholders(text, image_inputs, idx)
+        texts.append(text)
+    tok = family.tokenizer
+    tok.padding_side = "left"
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    tensors: dict[str, Any] = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+    tensors.update({k: v for k, v in image_inputs.items() if isinstance(v, torch.Tensor)})
+    extras = {k: v for k, v in image_inputs.items()}
+    layouts = family.image_layout(tensors["input_ids"].numpy(), extras)
+    return VLMInputs(tensors=tensors, layouts=layouts, texts=texts)
