@@ -28,8 +28,9 @@ class Preset:
     build: Callable[[], tuple[Any, Any, Any, dict[str, Any]]]  # -> model, tokenizer, image_processor, processor_config
 
 
-def _text(vocab: int, hidden: int = 64, layers: int = 4, heads: int = 4, kv: int = 2, inter: int = 128, **kw):
-    return dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+def _text(tok, hidden: int = 64, layers: int = 4, heads: int = 4, kv: int = 2, inter: int = 128, **kw):
+    return dict(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
                 num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=4096, **kw)
 
 
@@ -45,7 +46,7 @@ def _llava(image_size: int, patch: int, vision: dict, text: dict, scr: dict):
     tok = build_byte_tokenizer(["<image>"], {"image_token": "<image>"})
     cfg = T.LlavaConfig(
         vision_config=T.CLIPVisionConfig(image_size=image_size, patch_size=patch, **vision),
-        text_config=T.LlamaConfig(**_text(len(tok), **text)), image_token_id=tok.image_token_id,
+        text_config=T.LlamaConfig(**_text(tok, **text)), image_token_id=tok.image_token_id,
         vision_feature_layer=-2, vision_feature_select_strategy="default")
     cfg.scr_export = scr
     model = T.LlavaForConditionalGeneration(cfg)
@@ -75,7 +76,7 @@ def build_tiny_qwen2_vl():
                                     "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"})
     ids = tok.convert_tokens_to_ids
     cfg = T.Qwen2VLConfig(
-        text_config=_text(len(tok), rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3],
+        text_config=_text(tok, rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3],
                                                      "rope_theta": 10000.0}),
         vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, patch_size=14, spatial_merge_size=2,
                            temporal_patch_size=2, in_channels=3, mlp_ratio=2),
@@ -98,7 +99,7 @@ def build_tiny_internvl():
     tok = build_byte_tokenizer(["<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>"], named)
     vision = T.InternVLVisionConfig(image_size=96, patch_size=8, hidden_size=32, intermediate_size=64,
                                     num_hidden_layers=2, num_attention_heads=2)
-    cfg = T.InternVLConfig(vision_config=vision, text_config=T.Qwen2Config(**_text(len(tok))),
+    cfg = T.InternVLConfig(vision_config=vision, text_config=T.Qwen2Config(**_text(tok)),
                            image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"), downsample_ratio=0.5)
     cfg.scr_export = _scr_ranges((0, 1), (1, 2), 4)
     model = T.InternVLForConditionalGeneration(cfg)
@@ -119,7 +120,7 @@ def build_tiny_chameleon():
                                {"image_token": "<image>", "boi_token": "<racm3:break>", "eoi_token": "<eoss>"})
     vocab = tok.get_vocab()
     vocabulary_map = {t: vocab[t] for t in ["<image>", *code_tokens]}
-    cfg = T.ChameleonConfig(**_text(len(tok)), vocabulary_map=vocabulary_map,
+    cfg = T.ChameleonConfig(**_text(tok), vocabulary_map=vocabulary_map,
                             vq_config=dict(embed_dim=16, num_embeddings=n_codes, resolution=32, base_channels=32,
                                            channel_multiplier=[1, 1, 1], latent_channels=16, num_res_blocks=1,
                                            attn_resolutions=[]))

@@ -113,6 +113,10 @@ class VLMFamily:
         return "".join(out), idx
 
     # -- image spans and grids ------------------------------------------------------------------------------------
+    def suppressed_token_ids(self) -> list[int]:
+        """Tokens greedy decoding never emits: image placeholders (they would need pixels)."""
+        return [self.image_token_id]
+
     def image_token_mask(self, input_ids: np.ndarray) -> np.ndarray:
         return np.asarray(input_ids) == self.image_token_id
 

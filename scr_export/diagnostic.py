@@ -1,0 +1,83 @@
+"""SCR pass 1 in PyTorch: the attention map A over each image's cells (SCR.md, pass 1 step 2)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .config import SCRConfig
+from .families import VLMFamily
+from .layout import ImageSpan
+
+
+class _StopAfterLastDiagLayer(Exception):
+    pass
+
+
+def query_mask(input_ids_row: np.ndarray, attention_mask_row: np.ndarray, spans: list[ImageSpan],
+               span: ImageSpan) -> np.ndarray:
+    """Text query positions for ``span``: real (unpadded) non-image tokens after the span."""
+    t = np.arange(len(input_ids_row))
+    mask = (t >= span.end) & (np.asarray(attention_mask_row) == 1)
+    for other in spans:
+        mask[other.start: other.end] = False
+    return mask
+
+
+def head_mean_attention(family: VLMFamily, tensors: dict[str, Any], config: SCRConfig) -> np.ndarray:
+    """Attention probabilities averaged over heads and ``diag_layers``: [B, T, T] float64 (queries × keys).
+
+    Runs the decoder without SCR only up to the last diagnostic layer (eager attention).
+    """
+    import torch
+
+    cfg = config.clamped(family.num_layers)
+    layers = family.decoder_layers()
+    diag = list(cfg.diag_layer_indices())
+    acc: dict[str, torch.Tensor] = {}
+    handles = []
+
+    def capture(module, args, output):
+        weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+        if weights is None:
+            raise RuntimeError("the attention module returned no probabilities; load the model with "
+                               "attn_implementation='eager'")
+        mean = weights.detach().double().mean(dim=1)
+        acc["sum"] = mean if "sum" not in acc else acc["sum"] + mean
+
+    def stop(module, args, output):
+        raise _StopAfterLastDiagLayer
+
+    try:
+        for i in diag:
+            handles.append(layers[i].self_attn.register_forward_hook(capture))
+        handles.append(layers[diag[-1]].register_forward_hook(stop))
+        with torch.no_grad():
+            try:
+                family.model(**family.forward_inputs(tensors), use_cache=False)
+            except _StopAfterLastDiagLayer:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+    return (acc["sum"] / len(diag)).cpu().numpy()
+
+
+def attention_maps(family: VLMFamily, tensors: dict[str, Any], layouts: list[list[ImageSpan]],
+                   config: SCRConfig) -> list[list[np.ndarray | None]]:
+    """``A[b][i]``: image i of row b's cell scores (all its grids, span order), or None if no text follows it."""
+    attn = head_mean_attention(family, tensors, config)
+    ids = tensors["input_ids"].cpu().numpy()
+    am = tensors["attention_mask"].cpu().numpy()
+    maps: list[list[np.ndarray | None]] = []
+    for b, spans in enumerate(layouts):
+        row = []
+        for span in spans:
+            q = query_mask(ids[b], am[b], spans, span)
+            if not q.any():
+                row.append(None)
+                continue
+            row.append(attn[b][q][:, span.start: span.end].mean(axis=0))
+        maps.append(row)
+    return maps

@@ -1,0 +1,113 @@
+"""The PyTorch reference pipeline: diagnostic → plan → prefill with SCR → greedy decoding (the parity oracle)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from .config import SCRConfig
+from .diagnostic import attention_maps
+from .families import VLMFamily
+from .plan import SequencePlan, plan_sequence
+from .processing import VLMInputs
+from .redistribution import Redistribution
+
+
+def plan_for_inputs(family: VLMFamily, inputs: VLMInputs, config: SCRConfig,
+                    maps: list[list[np.ndarray | None]] | None = None) -> SequencePlan:
+    """Run the diagnostic pass (unless ``maps`` is given) and plan every image of the batch."""
+    config = config.clamped(family.num_layers)
+    if maps is None:
+        maps = attention_maps(family, inputs.tensors, inputs.layouts, config)
+    plan = plan_sequence(inputs.layouts, maps, inputs.shape[1], config)
+    plan.attention = maps  # kept for explain / validate
+    return plan
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    tokens: np.ndarray                 # [B, N] generated ids (pad after EOS)
+    texts: list[str]
+    plan: SequencePlan
+    logits: list[np.ndarray]           # per step (0 = prefill's last position): [B, V] float32
+    prefill_logits: np.ndarray | None  # [B, T, V] when requested
+
+
+def _pad_id(family: VLMFamily) -> int:
+    tok = family.tokenizer
+    return int(tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+
+
+def generate(family: VLMFamily, inputs: VLMInputs, config: SCRConfig | None = None, *, scr: bool = True,
+             max_new_tokens: int = 32, use_cache: bool = True, plan: SequencePlan | None = None,
+             forced_tokens: Sequence[Sequence[int]] | None = None, keep_prefill_logits: bool = False,
+             stop_at_eos: bool = True) -> GenerationResult:
+    """Greedy decoding with SCR applied during the prefill (and, without a KV cache, at every re-run of the prompt).
+
+    ``forced_tokens`` (teacher forcing, [B, N]) feeds the given tokens instead of the argmax, for parity checks.
+    """
+    import torch
+
+    config = (config or family.scr_config()).clamped(family.num_layers)
+    batch, length = inputs.shape
+    if plan is None:
+        plan = plan_for_inputs(family, inputs, config) if scr else SequencePlan.identity(batch, length)
+    if not scr:
+        plan = SequencePlan.identity(batch, length)
+    eos = family.tokenizer.eos_token_id
+    pad = _pad_id(family)
+    model = family.model
+    tensors = dict(inputs.tensors)
+    steps = max_new_tokens if forced_tokens is None else len(forced_tokens[0])
+    generated: list[torch.Tensor] = []
+    logits_per_step: list[np.ndarray] = []
+    prefill_logits = None
+    finished = torch.zeros(batch, dtype=torch.bool)
+    suppressed = torch.as_tensor(family.suppressed_token_ids(), dtype=torch.long)
+
+    def pick(step_logits: torch.Tensor, step: int) -> torch.Tensor:
+        if forced_tokens is not None:
+            return torch.as_tensor([row[step] for row in forced_tokens], dtype=torch.long)
+        masked = step_logits.clone()
+        masked[:, suppressed] = float("-inf")  # never generate an image placeholder
+        nxt = masked.argmax(-1)
+        return torch.where(finished, torch.full_like(nxt, pad), nxt)
+
+    with torch.no_grad(), Redistribution(family, plan, config) as redistribution:
+        out = model(**family.forward_inputs(tensors), use_cache=use_cache)
+        if keep_prefill_logits:
+            prefill_logits = out.logits.float().cpu().numpy()
+        past = out.past_key_values if use_cache else None
+        last = out.logits[:, -1].float()
+        for step in range(steps):
+            logits_per_step.append(last.cpu().numpy())
+            nxt = pick(last, step)
+            generated.append(nxt)
+            if eos is not None and stop_at_eos and forced_tokens is None:
+                finished |= nxt == eos
+                if bool(finished.all()):
+                    break
+            if step == steps - 1:
+                break
+            ids = torch.cat([tensors["input_ids"], nxt[:, None]], dim=1)
+            mask = torch.cat([tensors["attention_mask"], torch.ones_like(nxt)[:, None]], dim=1)
+            if use_cache:
+                redistribution.active = False  # decode steps hold no image tokens: identity plan
+                pos = family.decode_position_ids(inputs.tensors, mask)
+                out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, past_key_values=past,
+                            use_cache=True)
+                past = out.past_key_values
+            else:
+                redistribution.plan = redistribution.plan  # same plan, applied to the first T positions
+                out = model(**family.forward_inputs({**tensors, "input_ids": ids, "attention_mask": mask}),
+                            use_cache=False)
+            tensors["input_ids"], tensors["attention_mask"] = ids, mask
+            last = out.logits[:, -1].float()
+    tokens = torch.stack(generated, dim=1).numpy() if generated else np.zeros((batch, 0), np.int64)
+    texts = [family.tokenizer.decode([t for t in row if t not in (pad, eos)], skip_special_tokens=False)
+             for row in tokens.tolist()]
+    return GenerationResult(tokens=tokens, texts=texts, plan=plan, logits=logits_per_step,
+                            prefill_logits=prefill_logits)
