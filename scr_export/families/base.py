@@ -87,6 +87,10 @@ class VLMFamily:
             return self.prompt_template.replace("{images}", "").format(prompt=prompt)
         return self.prompt_template.replace("{images}", self.placeholder * num_images).format(prompt=prompt)
 
+    def display_image(self, image):
+        """The region of ``image`` the grid covers, for pictures (default: the whole image)."""
+        return image
+
     def process_images(self, images: list) -> dict[str, Any]:
         """Run the family's own image processor."""
         return dict(self.image_processor(images=images, return_tensors="pt"))
@@ -171,6 +175,15 @@ class VLMFamily:
     def decode_position_ids(self, inputs: dict[str, "torch.Tensor"], attention_mask: "torch.Tensor"):
         """Position ids of the newest token for a KV-cached decode step; ``attention_mask`` covers all tokens."""
         return text_positions(attention_mask)[:, -1:]
+
+
+def center_crop_square(image):
+    """The centre square of ``image`` at native resolution: the region a resize-shortest-edge + centre-crop
+    processor (CLIP, Chameleon) shows the model."""
+    w, h = image.size
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    return image.crop((left, top, left + side, top + side))
 
 
 def text_positions(attention_mask):

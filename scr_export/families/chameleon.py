@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..config import SCRConfig
-from .base import VLMFamily, register_family, square_side
+from .base import VLMFamily, center_crop_square, register_family, square_side
 
 
 @register_family
@@ -36,6 +36,9 @@ class ChameleonFamily(VLMFamily):
     def expansion_attributes(self, image_inputs):
         return {"image_start_token": "<racm3:break>", "image_end_token": "<eoss>", "image_token": self.placeholder,
                 "image_seq_length": self.image_seq_length}
+
+    def display_image(self, image):
+        return center_crop_square(image)
 
     def image_grids(self, image_index: int, extras: dict[str, Any]) -> list[tuple[int, int]]:
         side = square_side(self.image_seq_length, "Chameleon image")

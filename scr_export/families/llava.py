@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..config import SCRConfig
-from .base import VLMFamily, register_family
+from .base import VLMFamily, center_crop_square, register_family
 
 
 @register_family
@@ -31,6 +31,9 @@ class LlavaFamily(VLMFamily):
                 "vision_feature_select_strategy": pc.get("vision_feature_select_strategy",
                                                          self.config.vision_feature_select_strategy),
                 "num_additional_image_tokens": pc.get("num_additional_image_tokens", 1)}
+
+    def display_image(self, image):
+        return center_crop_square(image)
 
     def image_grids(self, image_index: int, extras: dict[str, Any]) -> list[tuple[int, int]]:
         return [(self.grid_side, self.grid_side)]
