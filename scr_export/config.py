@@ -17,6 +17,8 @@ def _layer_range(name: str, value: Any) -> tuple[int, int]:
         parts = value.replace("..", ":").split(":")
         try:
             value = tuple(int(p) for p in parts)
+            if len(value) == 1:
+                value = (value[0], value[0])
         except ValueError:
             raise ConfigError(f"{name}={value!r} is not a layer range",
                               f"write it as FIRST..LAST (inclusive, 0-based), e.g. {name}=0..11") from None

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-PRESET_FORMAT = 1  # bump when a builder changes, so cached presets are rebuilt
+PRESET_FORMAT = 2  # bump when a builder changes, so cached presets are rebuilt
 SEED = 0
 
 
@@ -117,7 +117,8 @@ def build_tiny_chameleon():
     letters = "ABCDEFGHIJ"
     code_tokens = ["IMGIMG" + "".join(letters[int(d)] for d in str(i)) + "Z" for i in range(n_codes)]
     tok = build_byte_tokenizer(["<image>", "<racm3:break>", "<eoss>", *code_tokens],
-                               {"image_token": "<image>", "boi_token": "<racm3:break>", "eoi_token": "<eoss>"})
+                               {"image_token": "<image>", "boi_token": "<racm3:break>", "eoi_token": "<eoss>"},
+                               sep_token="<reserved08706>")
     vocab = tok.get_vocab()
     vocabulary_map = {t: vocab[t] for t in ["<image>", *code_tokens]}
     cfg = T.ChameleonConfig(**_text(tok), vocabulary_map=vocabulary_map,

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 
 def build_byte_tokenizer(special_tokens: Sequence[str], named_tokens: dict[str, str] | None = None,
-                         chat_template: str | None = None):
+                         chat_template: str | None = None, sep_token: str | None = None):
     """A real ``PreTrainedTokenizerFast``: 256 byte tokens, then ``special_tokens`` in order.
 
     ``named_tokens`` become tokenizer attributes (``tokenizer.image_token`` ...), as the family processors expect.
@@ -18,9 +18,9 @@ def build_byte_tokenizer(special_tokens: Sequence[str], named_tokens: dict[str, 
     backend = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    base = ["<s>", "</s>", "<pad>", "<unk>"]
+    base = ["<s>", "</s>", "<pad>", "<unk>"] + ([sep_token] if sep_token else [])
     ordered = base + [t for t in special_tokens if t not in base]
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ordered])
     return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>", model_specific_special_tokens=dict(named_tokens or {}),
+                                   unk_token="<unk>", sep_token=sep_token, model_specific_special_tokens=dict(named_tokens or {}),
                                    chat_template=chat_template, padding_side="left")

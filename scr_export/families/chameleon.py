@@ -33,6 +33,12 @@ class ChameleonFamily(VLMFamily):
     def image_seq_length(self) -> int:
         return int(self.processor_config.get("image_seq_length", self.grid_side ** 2))
 
+    def format_prompt(self, prompt: str, num_images: int) -> str:
+        # ChameleonProcessor ends a chat prompt with the separator token
+        text = super().format_prompt(prompt, num_images)
+        sep = self.tokenizer.sep_token
+        return text + sep if sep else text
+
     def expansion_attributes(self, image_inputs):
         return {"image_start_token": "<racm3:break>", "image_end_token": "<eoss>", "image_token": self.placeholder,
                 "image_seq_length": self.image_seq_length}

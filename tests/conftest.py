@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+TINY_PRESETS = {"llava": "tiny-llava", "qwen2_vl": "tiny-qwen2-vl", "internvl": "tiny-internvl",
+                "chameleon": "tiny-chameleon"}
+
+_LOADED: dict[str, object] = {}
+
+
+def load(name: str):
+    from scr_export.loading import load_vlm
+
+    if name not in _LOADED:
+        _LOADED[name] = load_vlm(name)
+    return _LOADED[name]
+
+
+def make_image(width: int = 240, height: int = 100, seed: int = 0):
+    """A structured test image: gradients, a bright block, noise (deterministic)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    img = np.stack([x / width * 255, y / height * 255, (np.sin(x / 9) * 0.5 + 0.5) * 255], -1)
+    img[height // 4: height // 2, width // 3: width // 2] = [250, 30, 30]
+    img += rng.normal(0, 12, img.shape)
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+
+
+@pytest.fixture(scope="session")
+def image():
+    return make_image()
+
+
+@pytest.fixture(params=sorted(TINY_PRESETS), scope="session")
+def family_name(request):
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def vlm(family_name):
+    return load(TINY_PRESETS[family_name])
