@@ -1,0 +1,152 @@
+"""The CLI as a user runs it: README examples, pictures, and bad input (clear message, exit 2, nothing written)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def run(args, cwd=ROOT, **kw):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "scr_export.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          env=env, timeout=600, **kw)
+
+
+def readme_cli_examples():
+    block = README.split("<!-- cli-examples")[1].split("```bash")[1].split("```")[0]
+    return [line for line in block.strip().splitlines() if line.startswith("scr-export")]
+
+
+def readme_main_job():
+    setup = README.split("## Set up")[1].split("```bash")[1].split("```")[0]
+    return setup.strip().split("&&")[-1].strip()
+
+
+@pytest.mark.parametrize("line", readme_cli_examples())
+def test_readme_cli_examples_run(line, tmp_path):
+    args = shlex.split(line)[1:]
+    args = [str(ROOT / a) if a.startswith("examples/") else a for a in args]
+    res = run(args, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout  # generated text (random tiny models may emit only whitespace)
+    if "explain" in args:
+        out = tmp_path / args[args.index("--out") + 1]
+        assert Image.open(out).size[0] >= 640
+
+
+def test_readme_main_job_writes_a_sensible_picture(tmp_path):
+    line = readme_main_job()
+    assert line.startswith("scr-export explain small-llava")
+    args = [str(ROOT / a) if a.startswith("examples/") else a for a in shlex.split(line)[1:]]
+    res = run(args, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    picture = Image.open(tmp_path / "explain.png").convert("RGB")
+    assert picture.size[0] >= 576 and picture.size[1] > 576
+    # the source markers (cyan) are drawn: 32 sources of a 24×24 grid
+    pixels = picture.load()
+    cyan = sum(1 for x in range(0, picture.size[0], 2) for y in range(0, picture.size[1], 2)
+               if pixels[x, y] == (0, 230, 255))
+    assert cyan > 100
+    assert "32 sources" in res.stderr and "credit entropy" in res.stderr
+
+
+def test_version_and_help_do_not_import_torch():
+    code = ("import sys; from scr_export import cli; "
+            "import contextlib, io\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            "    try: cli.main(['--help'])\n"
+            "    except SystemExit: pass\n"
+            "print('torch' in sys.modules, 'transformers' in sys.modules)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert res.stdout.strip() == "False False", res.stderr
+    v = run(["--version"])
+    assert v.returncode == 0 and re.match(r"scr-export \d+\.\d+\.\d+", v.stdout)
+
+
+def test_inspect_json():
+    res = run(["inspect", "tiny-internvl", "--json"])
+    assert res.returncode == 0, res.stderr
+    info = json.loads(res.stdout)
+    assert info["family"] == "internvl" and info["decoder_layers"] == 4
+    assert info["scr"] == {"k": 4, "lambda": 1.1, "layers": [0, 1], "diag_layers": [1, 2], "border": "exclude"}
+
+
+def _checkpoint(tmp_path, cfg):
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(cfg))
+    return str(d)
+
+
+@pytest.fixture
+def png(tmp_path):
+    p = tmp_path / "ok.png"
+    Image.new("RGB", (64, 48), (10, 200, 30)).save(p)
+    return str(p)
+
+
+@pytest.mark.parametrize("case", ["missing_image", "unknown_preset", "not_a_vlm", "unsupported_vlm", "qwen_vl_v1",
+                                  "unreadable_image", "no_config", "tiny_image", "bad_lambda", "bad_layers",
+                                  "bad_scr_config"])
+def test_bad_input_names_problem_and_fix(case, tmp_path, png):
+    model, image, extra = "tiny-llava", png, []
+    expect = {
+        "missing_image": "does not exist", "unknown_preset": "neither a preset nor an existing directory",
+        "not_a_vlm": "is not a vision-language model", "unsupported_vlm": "which scr-export does not support",
+        "qwen_vl_v1": "Qwen-VL (v1) checkpoint", "unreadable_image": "cannot be read",
+        "no_config": "has no config.json", "tiny_image": "too small", "bad_lambda": "out of range",
+        "bad_layers": "not a layer range", "bad_scr_config": "unknown SCR config keys",
+    }[case]
+    if case == "missing_image":
+        image = str(tmp_path / "nope.png")
+    elif case == "unknown_preset":
+        model = "tiny-llama-vision"
+    elif case == "not_a_vlm":
+        model = _checkpoint(tmp_path, {"model_type": "llama", "hidden_size": 64})
+    elif case == "unsupported_vlm":
+        model = _checkpoint(tmp_path, {"model_type": "paligemma", "vision_config": {}})
+    elif case == "qwen_vl_v1":
+        model = _checkpoint(tmp_path, {"model_type": "qwen", "visual": {"image_size": 448}})
+    elif case == "unreadable_image":
+        image = str(tmp_path / "bad.png")
+        Path(image).write_bytes(b"\x89PNG not really")
+    elif case == "no_config":
+        (tmp_path / "empty").mkdir()
+        model = str(tmp_path / "empty")
+    elif case == "tiny_image":
+        image = str(tmp_path / "px.png")
+        Image.new("RGB", (1, 1)).save(image)
+    elif case == "bad_lambda":
+        extra = ["--lambda", "0.5"]
+    elif case == "bad_layers":
+        extra = ["--layers", "first..last"]
+    elif case == "bad_scr_config":
+        cfg = tmp_path / "scr.json"
+        cfg.write_text('{"lamda": 1.2}')
+        extra = ["--scr-config", str(cfg)]
+    res = run(["generate", model, "--image", image, "--prompt", "hi", "--max-new-tokens", "1", *extra])
+    assert res.returncode == 2, (res.stdout, res.stderr)
+    assert expect in res.stderr and "fix:" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_explain_leaves_nothing_on_bad_output_path(tmp_path, png):
+    res = run(["explain", "tiny-llava", "--image", png, "--prompt", "hi", "--out", str(tmp_path / "no" / "x.png")])
+    assert res.returncode == 2 and "does not exist" in res.stderr
+    res = run(["explain", "tiny-llava", "--image", png, "--prompt", "hi", "--out", str(tmp_path / "x.jpg")])
+    assert res.returncode == 2 and ".png" in res.stderr
+    res = run(["explain", "tiny-llava", "--image", str(tmp_path / "missing.png"), "--prompt", "hi",
+               "--out", str(tmp_path / "y.png")])
+    assert res.returncode == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.png"]
