@@ -30,26 +30,17 @@ def image_token_norms(family: Any, tensors: dict[str, Any], layouts: list, layer
 
     [our reading] "an early layer" is the first layer of the SCR range, before its edit.
     """
-    import torch
+    from scr_export.partial_forward import run_through_layer
 
-    layers = family.decoder_layers()
-    captured: dict[str, torch.Tensor] = {}
-
-    class _Stop(Exception):
-        pass
+    captured: dict[str, Any] = {}
 
     def hook(module, args, output):
         h = output[0] if isinstance(output, tuple) else output
         captured["h"] = h.detach().float().norm(dim=-1)
-        raise _Stop
 
-    handle = layers[layer].register_forward_hook(hook)
+    handle = family.decoder_layers()[layer].register_forward_hook(hook)
     try:
-        with torch.no_grad():
-            try:
-                family.model(**family.forward_inputs(tensors), use_cache=False)
-            except _Stop:
-                pass
+        run_through_layer(family, tensors, layer)
     finally:
         handle.remove()
     norms = captured["h"].cpu().numpy()

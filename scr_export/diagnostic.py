@@ -9,10 +9,7 @@ import numpy as np
 from .config import SCRConfig
 from .families import VLMFamily
 from .layout import ImageSpan
-
-
-class _StopAfterLastDiagLayer(Exception):
-    pass
+from .partial_forward import run_through_layer
 
 
 def query_mask(input_ids_row: np.ndarray, attention_mask_row: np.ndarray, spans: list[ImageSpan],
@@ -46,18 +43,10 @@ def head_mean_attention(family: VLMFamily, tensors: dict[str, Any], config: SCRC
         mean = weights.detach().double().mean(dim=1)
         acc["sum"] = mean if "sum" not in acc else acc["sum"] + mean
 
-    def stop(module, args, output):
-        raise _StopAfterLastDiagLayer
-
     try:
         for i in diag:
             handles.append(layers[i].self_attn.register_forward_hook(capture))
-        handles.append(layers[diag[-1]].register_forward_hook(stop))
-        with torch.no_grad():
-            try:
-                family.model(**family.forward_inputs(tensors), use_cache=False)
-            except _StopAfterLastDiagLayer:
-                pass
+        run_through_layer(family, tensors, diag[-1])
     finally:
         for h in handles:
             h.remove()

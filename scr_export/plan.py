@@ -133,6 +133,7 @@ class SequencePlan:
     weight: np.ndarray
     donor: np.ndarray
     images: list[ImagePlan] = dataclasses.field(default_factory=list)
+    attention: list[list[np.ndarray | None]] | None = None  # the diagnostic maps it was planned from, if known
 
     @classmethod
     def identity(cls, batch: int, length: int) -> "SequencePlan":

@@ -101,7 +101,7 @@ def generate(family: VLMFamily, inputs: VLMInputs, config: SCRConfig | None = No
                             use_cache=True)
                 past = out.past_key_values
             else:
-                redistribution.plan = redistribution.plan  # same plan, applied to the first T positions
+                # cache-less: the whole sequence again; the hook applies the plan to its first T positions
                 out = model(**family.forward_inputs({**tensors, "input_ids": ids, "attention_mask": mask}),
                             use_cache=False)
             tensors["input_ids"], tensors["attention_mask"] = ids, mask
