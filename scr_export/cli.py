@@ -25,6 +25,13 @@ def add_model_arg(p: argparse.ArgumentParser) -> None:
                    "small-llava) or a local checkpoint directory")
 
 
+def add_runtime_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("PyTorch reference")
+    g.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                   help="weights and activations (float32 is the parity reference)")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when torch sees one)")
+
+
 def add_input_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image", action="append", required=True, metavar="IMG",
                    help="image file (repeat for several images in one prompt)")
@@ -65,8 +72,9 @@ def _load(args: argparse.Namespace):
 
     t0 = time.perf_counter()
     _log(f"loading {args.model} ...")
-    fam = load_vlm(args.model)
-    _log(f"loaded {fam.display_name} from {fam.path} in {time.perf_counter() - t0:.1f}s")
+    fam = load_vlm(args.model, dtype=getattr(args, "dtype", "float32"), device=getattr(args, "device", "cpu"))
+    _log(f"loaded {fam.display_name} from {fam.path} in {time.perf_counter() - t0:.1f}s "
+         f"({fam.model.dtype}, {fam.device})")
     return fam
 
 
@@ -128,6 +136,7 @@ class Generate(Command):
         p.add_argument("--max-new-tokens", type=int, default=32, metavar="N")
         p.add_argument("--show-plan", action="store_true", help="print the sources of each image")
         add_scr_args(p)
+        add_runtime_args(p)
 
     def run(self, args):
         from .reference import generate
@@ -159,6 +168,7 @@ class Explain(Command):
         add_input_args(p)
         p.add_argument("--out", required=True, metavar="FILE.png", help="where to write the picture")
         add_scr_args(p)
+        add_runtime_args(p)
 
     def run(self, args):
         from calibration.credit_entropy import credit_entropy, image_token_norms
@@ -176,7 +186,7 @@ class Explain(Command):
         images, inputs = _inputs(fam, args)
         _log("diagnostic pass ...")
         plan = plan_for_inputs(fam, inputs, cfg)
-        norms = image_token_norms(fam, inputs.tensors, inputs.layouts, cfg.layers[0])
+        norms = image_token_norms(fam, inputs.to(fam.device).tensors, inputs.layouts, cfg.layers[0])
         entropy = credit_entropy(norms[0][0])
         picture = render(explain_data(fam, images[0], inputs, plan, entropy, cfg))
         fd, tmp = tempfile.mkstemp(suffix=".png", dir=out.parent)

@@ -55,8 +55,28 @@ def resolve_model_path(spec: str) -> tuple[Path, str | None]:
     return path, None
 
 
-def load_vlm(spec: str, *, dtype: str = "float32") -> VLMFamily:
-    """Load MODEL with eager attention (the diagnostic pass needs attention probabilities)."""
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def resolve_device(device: str = "auto") -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError(f"--device {device} was asked for but torch sees no CUDA device",
+                             "use --device cpu, or install a CUDA build of torch on a GPU machine")
+    return device
+
+
+def load_vlm(spec: str, *, dtype: str = "float32", device: str = "cpu") -> VLMFamily:
+    """Load MODEL with eager attention (the diagnostic pass needs attention probabilities).
+
+    ``dtype`` is one of float32 (the parity reference), float16, bfloat16; ``device`` is cpu, cuda[:N] or auto.
+    """
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"dtype {dtype!r} is not supported", f"use one of {', '.join(DTYPES)}")
+    device = resolve_device(device)
     import torch
     import transformers
 
@@ -82,7 +102,7 @@ def load_vlm(spec: str, *, dtype: str = "float32") -> VLMFamily:
                                  "the checkpoint directory needs its tokenizer and preprocessor_config.json") from None
     finally:
         quiet.setLevel(level)
-    model.eval()
+    model.to(device).eval()
     pc_file = path / "processor_config.json"
     processor_config = json.loads(pc_file.read_text()) if pc_file.is_file() else {}
     fam = fam_cls(model, tokenizer, image_processor, processor_config)

@@ -30,6 +30,11 @@ class VLMInputs:
     def attention_mask(self):
         return self.tensors["attention_mask"]
 
+    def to(self, device) -> "VLMInputs":
+        """The same inputs with every tensor on ``device`` (floating point pixels keep their dtype)."""
+        moved = {k: (v.to(device) if hasattr(v, "to") else v) for k, v in self.tensors.items()}
+        return VLMInputs(tensors=moved, layouts=self.layouts, texts=self.texts)
+
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.input_ids.shape)  # type: ignore[return-value]
@@ -79,7 +84,9 @@ def encode(family: VLMFamily, images: Sequence[Sequence[Any]], prompts: Sequence
     tok.padding_side = "left"
     enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     tensors: dict[str, Any] = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
-    tensors.update({k: v for k, v in image_inputs.items() if isinstance(v, torch.Tensor)})
+    dtype = family.model.dtype
+    tensors.update({k: (v.to(dtype) if v.is_floating_point() else v)
+                    for k, v in image_inputs.items() if isinstance(v, torch.Tensor)})
     extras = {k: v for k, v in image_inputs.items()}
     layouts = family.image_layout(tensors["input_ids"].numpy(), extras)
     return VLMInputs(tensors=tensors, layouts=layouts, texts=texts)

@@ -21,6 +21,7 @@ def plan_for_inputs(family: VLMFamily, inputs: VLMInputs, config: SCRConfig,
     """Run the diagnostic pass (unless ``maps`` is given) and plan every image of the batch."""
     config = config.clamped(family.num_layers)
     if maps is None:
+        inputs = inputs.to(family.device)
         maps = attention_maps(family, inputs.tensors, inputs.layouts, config)
     plan = plan_sequence(inputs.layouts, maps, inputs.shape[1], config)
     plan.attention = maps  # kept for explain / validate
@@ -60,17 +61,19 @@ def generate(family: VLMFamily, inputs: VLMInputs, config: SCRConfig | None = No
     eos = family.tokenizer.eos_token_id
     pad = _pad_id(family)
     model = family.model
+    device = family.device
+    inputs = inputs.to(device)
     tensors = dict(inputs.tensors)
     steps = max_new_tokens if forced_tokens is None else len(forced_tokens[0])
     generated: list[torch.Tensor] = []
     logits_per_step: list[np.ndarray] = []
     prefill_logits = None
-    finished = torch.zeros(batch, dtype=torch.bool)
-    suppressed = torch.as_tensor(family.suppressed_token_ids(), dtype=torch.long)
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    suppressed = torch.as_tensor(family.suppressed_token_ids(), dtype=torch.long, device=device)
 
     def pick(step_logits: torch.Tensor, step: int) -> torch.Tensor:
         if forced_tokens is not None:
-            return torch.as_tensor([row[step] for row in forced_tokens], dtype=torch.long)
+            return torch.as_tensor([row[step] for row in forced_tokens], dtype=torch.long, device=device)
         masked = step_logits.clone()
         masked[:, suppressed] = float("-inf")  # never generate an image placeholder
         nxt = masked.argmax(-1)
@@ -106,7 +109,7 @@ def generate(family: VLMFamily, inputs: VLMInputs, config: SCRConfig | None = No
                             use_cache=False)
             tensors["input_ids"], tensors["attention_mask"] = ids, mask
             last = out.logits[:, -1].float()
-    tokens = torch.stack(generated, dim=1).numpy() if generated else np.zeros((batch, 0), np.int64)
+    tokens = torch.stack(generated, dim=1).cpu().numpy() if generated else np.zeros((batch, 0), np.int64)
     texts = [family.tokenizer.decode([t for t in row if t not in (pad, eos)], skip_special_tokens=False)
              for row in tokens.tolist()]
     return GenerationResult(tokens=tokens, texts=texts, plan=plan, logits=logits_per_step,

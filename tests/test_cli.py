@@ -98,7 +98,7 @@ def png(tmp_path):
 
 @pytest.mark.parametrize("case", ["missing_image", "unknown_preset", "not_a_vlm", "unsupported_vlm", "qwen_vl_v1",
                                   "unreadable_image", "no_config", "tiny_image", "bad_lambda", "bad_layers",
-                                  "bad_scr_config"])
+                                  "bad_scr_config", "no_cuda"])
 def test_bad_input_names_problem_and_fix(case, tmp_path, png):
     model, image, extra = "tiny-llava", png, []
     expect = {
@@ -107,6 +107,7 @@ def test_bad_input_names_problem_and_fix(case, tmp_path, png):
         "qwen_vl_v1": "Qwen-VL (v1) checkpoint", "unreadable_image": "cannot be read",
         "no_config": "has no config.json", "tiny_image": "too small", "bad_lambda": "out of range",
         "bad_layers": "not a layer range", "bad_scr_config": "unknown SCR config keys",
+        "no_cuda": "torch sees no CUDA device",
     }[case]
     if case == "missing_image":
         image = str(tmp_path / "nope.png")
@@ -135,6 +136,12 @@ def test_bad_input_names_problem_and_fix(case, tmp_path, png):
         cfg = tmp_path / "scr.json"
         cfg.write_text('{"lamda": 1.2}')
         extra = ["--scr-config", str(cfg)]
+    elif case == "no_cuda":
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("this machine has CUDA; the missing-CUDA message cannot be provoked")
+        extra = ["--device", "cuda"]
     res = run(["generate", model, "--image", image, "--prompt", "hi", "--max-new-tokens", "1", *extra])
     assert res.returncode == 2, (res.stdout, res.stderr)
     assert expect in res.stderr and "fix:" in res.stderr

@@ -129,3 +129,20 @@ def test_two_images_in_one_prompt(vlm):
     assert first.span.end <= second.span.start
     assert all(first.span.start <= s < first.span.end for s in first.sources)
     assert all(second.span.start <= s < second.span.end for s in second.sources)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_reference_runs_and_keeps_the_plan_close(dtype, image):
+    from scr_export.loading import load_vlm
+
+    half = load_vlm("tiny-llava", dtype=dtype)
+    full = load("tiny-llava")
+    cfg = full.scr_config()
+    a = generate(half, encode(half, [[image]], ["Describe."]), cfg, max_new_tokens=3, stop_at_eos=False)
+    b = generate(full, encode(full, [[image]], ["Describe."]), cfg, max_new_tokens=3, stop_at_eos=False)
+    assert half.model.dtype == getattr(torch, dtype)
+    assert np.isfinite(a.logits[0]).all()
+    src_a, src_b = set(a.plan.sources(0)[0].tolist()), set(b.plan.sources(0)[0].tolist())
+    assert len(src_a & src_b) / len(src_a | src_b) >= 0.6  # same model, lower precision: mostly the same sources
+    cos = np.dot(a.logits[0][0], b.logits[0][0]) / np.linalg.norm(a.logits[0][0]) / np.linalg.norm(b.logits[0][0])
+    assert cos > 0.99

@@ -55,6 +55,10 @@ class VLMFamily:
         return obj
 
     @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+    @property
     def num_layers(self) -> int:
         return len(self.decoder_layers())
 
