@@ -1,0 +1,75 @@
+"""The `scr::SCRNeighbourInject` op: its contract, its standard-op ONNX function body, and a numpy reference.
+
+    inputs : hidden [B,T,D] (float/float16), donor [B,T] int64, scale [B,T] float, weight [B,T] float
+    output : hidden' [B,T,D] = scale * hidden + weight * hidden[b, donor[b,t], :]
+
+λ lives in the plan (scale/weight), not in attributes, so one graph serves any λ. The body uses only Cast,
+Unsqueeze, GatherND (batch_dims=1), Mul, Add and CastLike, so any ONNX runtime runs it; a registered kernel
+(ORT custom op, TensorRT plugin) may replace it. Arithmetic is float32 whatever the hidden dtype, as in the
+PyTorch reference.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+DOMAIN = "scr"            # no dots: TensorRT plugin namespaces reject them
+OP_TYPE = "SCRNeighbourInject"
+DOMAIN_VERSION = 1
+PLAN_INPUTS = ("scr_donor", "scr_scale", "scr_weight")
+
+
+def reference(hidden: np.ndarray, donor: np.ndarray, scale: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """SCR.md pass 2 for one layer, in numpy: the oracle for the function body and for kernels."""
+    h = hidden.astype(np.float32)
+    gathered = np.take_along_axis(h, donor.astype(np.int64)[:, :, None], axis=1)
+    out = scale.astype(np.float32)[:, :, None] * h + weight.astype(np.float32)[:, :, None] * gathered
+    return out.astype(hidden.dtype)
+
+
+def scr_function(opset: int):
+    """The op's ONNX local function (onnx_ir), for a model whose default-domain opset is ``opset``."""
+    import onnx_ir as ir
+
+    hidden = ir.val("hidden")
+    donor = ir.val("donor")
+    scale = ir.val("scale")
+    weight = ir.val("weight")
+    nodes = []
+
+    def add(op, inputs, **attrs):
+        n = ir.node(op, inputs, attributes=attrs or None)
+        nodes.append(n)
+        return n.outputs[0]
+
+    axes = add("Constant", [], value_ints=[-1])
+    h32 = add("Cast", [hidden], to=ir.DataType.FLOAT)
+    idx = add("Unsqueeze", [donor, axes])
+    rows = add("GatherND", [h32, idx], batch_dims=1)
+    s = add("Unsqueeze", [add("Cast", [scale], to=ir.DataType.FLOAT), axes])
+    w = add("Unsqueeze", [add("Cast", [weight], to=ir.DataType.FLOAT), axes])
+    out32 = add("Add", [add("Mul", [h32, s]), add("Mul", [rows, w])])
+    out = ir.node("CastLike", [out32, hidden])
+    nodes.append(out)
+    out.outputs[0].name = "hidden_out"
+    graph = ir.Graph([hidden, donor, scale, weight], [out.outputs[0]], nodes=nodes, opset_imports={"": opset},
+                     name=OP_TYPE)
+    return ir.Function(DOMAIN, OP_TYPE, graph=graph, attributes=[])
+
+
+def standalone_model(dtype: str = "float32", opset: int = 20):
+    """A model holding one SCRNeighbourInject node (for tests, kernels and benchmarks)."""
+    import onnx_ir as ir
+
+    dt = {"float32": ir.DataType.FLOAT, "float16": ir.DataType.FLOAT16}[dtype]
+    hidden = ir.val("hidden", dt, ["B", "T", "D"])
+    donor = ir.val("donor", ir.DataType.INT64, ["B", "T"])
+    scale = ir.val("scale", ir.DataType.FLOAT, ["B", "T"])
+    weight = ir.val("weight", ir.DataType.FLOAT, ["B", "T"])
+    node = ir.node(OP_TYPE, [hidden, donor, scale, weight], domain=DOMAIN, name="scr_inject")
+    out = node.outputs[0]
+    out.name, out.dtype, out.shape = "hidden_out", dt, ir.Shape(["B", "T", "D"])
+    graph = ir.Graph([hidden, donor, scale, weight], [out], nodes=[node],
+                     opset_imports={"": opset, DOMAIN: DOMAIN_VERSION}, name="scr_inject")
+    fn = scr_function(opset)
+    return ir.Model(graph, ir_version=10, functions=[fn])
