@@ -1,0 +1,1 @@
+"""Export wrappers: the language decoder with KV cache (inputs_embeds in), vision encoder, token embeddings."""
