@@ -107,3 +107,27 @@ def export_decoder(family: VLMFamily, path, *, dynamo: bool = True, opset: int |
         kw = dict(dynamo=False, dynamic_axes=axes, opset_version=opset or 18)
     with torch.no_grad():
         torch.onnx.export(wrapper, args, str(path), input_names=inputs, output_names=outputs, **kw)
+
+
+def captured_decoder_inputs(family: VLMFamily, tensors: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The decoder inputs the PyTorch VLM builds for a prefill (merged image + text embeddings, mask, positions).
+
+    The embeddings are what decoder layer 0 receives from the family's own forward, so they are the reference the
+    exported vision / embedding graphs must reproduce; positions are the family's explicit position ids.
+    """
+    from ..partial_forward import run_through_layer
+
+    seen: dict[str, torch.Tensor] = {}
+
+    def pre(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        seen["inputs_embeds"] = hidden.detach().clone()
+
+    handle = family.decoder_layers()[0].register_forward_pre_hook(pre, with_kwargs=True)
+    try:
+        run_through_layer(family, tensors, 0)
+    finally:
+        handle.remove()
+    seen["attention_mask"] = tensors["attention_mask"]
+    seen["position_ids"] = family.forward_inputs(tensors)["position_ids"]
+    return seen
