@@ -157,3 +157,12 @@ def test_explain_leaves_nothing_on_bad_output_path(tmp_path, png):
                "--out", str(tmp_path / "y.png")])
     assert res.returncode == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.png"]
+
+
+def test_ci_runs_the_readme_test_command():
+    setup = README.split("## Set up")[1].split("```bash")
+    test_cmd = setup[2].split("```")[0].strip()
+    installs = [part.strip() for part in test_cmd.split("&&") if part.strip().startswith("pip install")]
+    ci = (ROOT / ".ci" / "run").read_text().replace(" -q", "")
+    for cmd in installs:
+        assert cmd in ci, f"README's {cmd!r} is not what .ci/run runs"

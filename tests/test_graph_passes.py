@@ -144,3 +144,30 @@ def test_external_data_round_trip_keeps_ir_10(exported, tmp_path):
     assert proto.ir_version == 10
     assert any(f.name == "SCRNeighbourInject" and f.domain == "scr" for f in proto.functions)
     ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("family_name, exporter", GRAPHS)
+def test_extracted_diagnostic_graph_gives_the_reference_attention_map(family_name, exporter, exported, image):
+    from graph_passes.extract_diagnostic import ATTENTION_MAP, QUERY_MASK, ExtractDiagnosticPass
+    from scr_export.diagnostic import attention_maps, query_mask
+
+    vlm = load(TINY_PRESETS[family_name])
+    cfg = vlm.scr_config()
+    model = ir.load(exported(family_name, exporter))
+    n_before = len(list(model.graph))
+    ExtractDiagnosticPass(cfg.diag_layer_indices())(model)
+    assert len(list(model.graph)) < n_before  # cut after the last diagnostic layer, head removed
+    assert [v.name for v in model.graph.outputs] == [ATTENTION_MAP]
+    a, b = make_image(seed=1), make_image(seed=2)
+    inputs = encode(vlm, [[a, b]], ["Compare the pictures."])
+    spans = inputs.layouts[0]
+    dec = captured_decoder_inputs(vlm, inputs.tensors)
+    qmask = np.stack([query_mask(inputs.input_ids[0].numpy(), inputs.attention_mask[0].numpy(), spans, s)
+                      for s in spans]).astype(np.float32)[None]
+    sess = _session(model)
+    feed = {k: v for k, v in _feed(vlm, dec).items() if k in {i.name for i in sess.get_inputs()}}
+    feed[QUERY_MASK] = qmask
+    got = sess.run([ATTENTION_MAP], feed)[0][0]
+    want = attention_maps(vlm, inputs.tensors, inputs.layouts, cfg)[0]
+    for i, span in enumerate(spans):
+        np.testing.assert_allclose(got[i, span.start:span.end], want[i], rtol=1e-5, atol=1e-8)
