@@ -110,3 +110,38 @@ def load_vlm(spec: str, *, dtype: str = "float32", device: str = "cpu") -> VLMFa
     fam.path = path
     fam.preset = preset
     return fam
+
+
+class ConfigOnlyModel:
+    """Stands in for the torch model where only its config is needed (deployed runtimes carry no torch weights)."""
+
+    def __init__(self, config: Any):
+        import torch
+
+        self.config = config
+        self.dtype = torch.float32
+
+
+def load_family_without_weights(path: str | Path) -> VLMFamily:
+    """The family adapter (layout, prompts, processing) of a directory with config, tokenizer and image processor."""
+    import transformers
+
+    path = Path(path)
+    fam_cls = detect_family(path)
+    quiet = logging.getLogger("transformers")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        config = transformers.AutoConfig.from_pretrained(path)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+        image_processor = transformers.AutoImageProcessor.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot read the config / tokenizer / image processor in {path}: {exc}",
+                             "convert the model again: the directory is incomplete") from None
+    finally:
+        quiet.setLevel(level)
+    pc_file = path / "processor_config.json"
+    processor_config = json.loads(pc_file.read_text()) if pc_file.is_file() else {}
+    fam = fam_cls(ConfigOnlyModel(config), tokenizer, image_processor, processor_config)
+    fam.source, fam.path, fam.preset = str(path), path, None
+    return fam

@@ -60,7 +60,7 @@ class VLMFamily:
 
     @property
     def num_layers(self) -> int:
-        return len(self.decoder_layers())
+        return int(self.text_config.num_hidden_layers)
 
     @property
     def text_config(self):

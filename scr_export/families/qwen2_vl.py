@@ -71,8 +71,12 @@ class Qwen2VLFamily(VLMFamily):
 
     def rope_index(self, inputs):
         """3-row M-RoPE positions [3, B, T] and per-row deltas [B, 1] (the model's own ``get_rope_index``)."""
-        return self.model.model.get_rope_index(
-            inputs["input_ids"], mm_token_type_ids=self.mm_token_type_ids(inputs["input_ids"]),
+        from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLModel
+
+        # Qwen2VLModel.get_rope_index reads only the config, so it also serves deployed runtimes without weights
+        host = _RopeHost(self.config)
+        return Qwen2VLModel.get_rope_index(
+            host, inputs["input_ids"], mm_token_type_ids=self.mm_token_type_ids(inputs["input_ids"]),
             image_grid_thw=inputs["image_grid_thw"], attention_mask=inputs["attention_mask"])
 
     def forward_inputs(self, inputs):
@@ -85,3 +89,13 @@ class Qwen2VLFamily(VLMFamily):
         _, deltas = self.rope_index(inputs)
         pos = text_positions(attention_mask)[:, -1:] + deltas.to(attention_mask.device)
         return pos.unsqueeze(0).expand(3, -1, -1)
+
+
+class _RopeHost:
+    """The part of Qwen2VLModel that ``get_rope_index`` uses: its config and vision position helper."""
+
+    def __init__(self, config):
+        from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLModel
+
+        self.config = config
+        self.get_vision_position_ids = Qwen2VLModel.get_vision_position_ids.__get__(self)

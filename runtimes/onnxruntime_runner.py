@@ -1,0 +1,215 @@
+"""Run a converted directory with ONNX Runtime: image + prompt -> vision -> diagnostic -> plan -> prefill with the
+plan -> greedy decoding with a KV cache and an identity plan. The plan comes from the same host function as the
+PyTorch reference (``scr_export.plan.plan_sequence``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from scr_export.config import SCRConfig
+from scr_export.diagnostic import query_mask
+from scr_export.errors import SCRExportError
+from scr_export.manifest import read_manifest
+from scr_export.plan import SequencePlan, plan_sequence
+from scr_export.processing import VLMInputs, encode
+
+
+class RuntimeUnavailable(SCRExportError):
+    """ONNX Runtime (or the asked-for provider) is not installed."""
+
+
+def pick_providers(device: str = "auto") -> list[str]:
+    """CUDA when onnxruntime-gpu sees a GPU (or when asked for), else CPU."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise RuntimeUnavailable("onnxruntime is not installed",
+                                 "pip install 'scr-export[onnx]' (CPU) or 'scr-export[onnx-gpu]' (CUDA)") from None
+    available = ort.get_available_providers()
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if device == "cuda" and "CUDAExecutionProvider" not in available:
+        raise RuntimeUnavailable(f"the CUDA execution provider is not available (have: {', '.join(available)})",
+                                 "pip install onnxruntime-gpu on a machine with CUDA, or use --device cpu")
+    if "CUDAExecutionProvider" in available and device in ("auto", "cuda"):
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+@dataclasses.dataclass
+class OrtResult:
+    tokens: np.ndarray
+    texts: list[str]
+    plan: SequencePlan
+    logits: list[np.ndarray]
+    prefill_logits: np.ndarray | None
+    attention: list[list[np.ndarray | None]]
+
+
+class OrtVLM:
+    """A converted directory, loaded into ONNX Runtime sessions."""
+
+    def __init__(self, directory: str | Path, device: str = "auto", threads: int | None = None):
+        from scr_export.loading import load_family_without_weights
+
+        import onnxruntime as ort
+
+        self.dir = Path(directory)
+        self.manifest = read_manifest(self.dir)
+        self.family = load_family_without_weights(self.dir)
+        self.config = SCRConfig.from_dict(self.manifest["scr"])
+        self.providers = pick_providers(device)
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        self.sessions = {}
+        for name, info in self.manifest["graphs"].items():
+            try:
+                self.sessions[name] = ort.InferenceSession(str(self.dir / info["file"]), opts,
+                                                           providers=self.providers)
+            except Exception as exc:  # ORT raises its own exception types for bad files
+                raise SCRExportError(f"ONNX Runtime cannot load {info['file']}: {str(exc).splitlines()[0]}",
+                                     "the file is damaged or incomplete: convert the model again") from None
+        self.provider = self.sessions["decoder"].get_providers()[0]
+        d = self.manifest["decoder"]
+        self.num_layers, self.kv_heads, self.head_dim = d["num_layers"], d["kv_heads"], d["head_dim"]
+        self.float_type = np.float16 if self.manifest["precision"] == "fp16" else np.float32
+
+    # -- pieces -------------------------------------------------------------------------------------------------
+    def encode(self, images: Sequence[Sequence[Any]], prompts: Sequence[str]) -> VLMInputs:
+        return encode(self.family, images, prompts)
+
+    def _run(self, name: str, feed: dict[str, np.ndarray], outputs=None):
+        sess = self.sessions[name]
+        wanted = {i.name for i in sess.get_inputs()}
+        return sess.run(outputs, {k: v for k, v in feed.items() if k in wanted})
+
+    def embed(self, inputs: VLMInputs) -> np.ndarray:
+        """inputs_embeds [B, T, D]: token embeddings with the image features (or VQ ids) put at the image tokens."""
+        fam = self.family
+        t = inputs.tensors
+        ids = t["input_ids"].numpy().copy()
+        mask = ids == fam.image_token_id
+        if fam.name == "chameleon":
+            codes = self._run("vision", {"pixel_values": t["pixel_values"].numpy().astype(self.float_type)})[0]
+            ids[mask] = codes.reshape(-1)
+            return self._run("embed_tokens", {"input_ids": ids})[0]
+        embeds = self._run("embed_tokens", {"input_ids": ids})[0]
+        if fam.name == "qwen2_vl":
+            from scr_export.onnx_export.vision import qwen2_vl_vision_extras
+
+            feats, offset = [], 0
+            pv = t["pixel_values"].numpy().astype(self.float_type)
+            for thw in t["image_grid_thw"]:
+                n = int(thw.prod())
+                pos, cu = qwen2_vl_vision_extras(fam, thw)
+                feats.append(self._run("vision", {"pixel_values": pv[offset:offset + n],
+                                                  "vision_position_ids": pos.numpy(), "cu_seqlens": cu.numpy()})[0])
+                offset += n
+            features = np.concatenate(feats, axis=0)
+        else:
+            features = self._run("vision", {"pixel_values": t["pixel_values"].numpy().astype(self.float_type)})[0]
+            features = features.reshape(-1, features.shape[-1])
+        if features.shape[0] != mask.sum():
+            raise SCRExportError(f"the vision graph gave {features.shape[0]} image features for {mask.sum()} image tokens",
+                                 "the image does not fit the exported vision graph (size or tile count)")
+        embeds[mask] = features.astype(embeds.dtype)
+        return embeds
+
+    def _past(self, batch: int) -> dict[str, np.ndarray]:
+        empty = np.zeros((batch, self.kv_heads, 0, self.head_dim), self.float_type)
+        return {f"past_key_values.{i}.{k}": empty for i in range(self.num_layers) for k in ("key", "value")}
+
+    def attention_maps(self, inputs: VLMInputs, embeds: np.ndarray, positions: np.ndarray):
+        from graph_passes.extract_diagnostic import ATTENTION_MAP, QUERY_MASK
+
+        ids = inputs.input_ids.numpy()
+        am = inputs.attention_mask.numpy()
+        n_img = max((len(s) for s in inputs.layouts), default=0)
+        qmask = np.zeros((ids.shape[0], max(n_img, 1), ids.shape[1]), np.float32)
+        for b, spans in enumerate(inputs.layouts):
+            for i, span in enumerate(spans):
+                qmask[b, i] = query_mask(ids[b], am[b], spans, span)
+        feed = {"inputs_embeds": embeds, "attention_mask": am, "position_ids": positions, QUERY_MASK: qmask,
+                **self._past(ids.shape[0])}
+        attn = self._run("diagnostic", feed, [ATTENTION_MAP])[0]
+        return [[attn[b, i, s.start:s.end].astype(np.float64) if qmask[b, i].any() else None
+                 for i, s in enumerate(spans)] for b, spans in enumerate(inputs.layouts)]
+
+    def plan(self, inputs: VLMInputs, config: SCRConfig | None = None) -> SequencePlan:
+        config = config or self.config
+        embeds = self.embed(inputs)
+        positions = self.family.forward_inputs(inputs.tensors)["position_ids"].numpy()
+        maps = self.attention_maps(inputs, embeds, positions)
+        plan = plan_sequence(inputs.layouts, maps, inputs.shape[1], config)
+        plan.attention = maps
+        return plan
+
+    # -- the pipeline -------------------------------------------------------------------------------------------
+    def generate(self, inputs: VLMInputs, *, scr: bool = True, max_new_tokens: int = 32,
+                 plan: SequencePlan | None = None, config: SCRConfig | None = None,
+                 forced_tokens: Sequence[Sequence[int]] | None = None, keep_prefill_logits: bool = False,
+                 stop_at_eos: bool = True) -> OrtResult:
+        import torch
+
+        config = config or self.config
+        fam = self.family
+        batch, length = inputs.shape
+        embeds = self.embed(inputs)
+        positions = fam.forward_inputs(inputs.tensors)["position_ids"].numpy()
+        maps: list = []
+        if not scr:
+            plan = SequencePlan.identity(batch, length)
+        elif plan is None:
+            maps = self.attention_maps(inputs, embeds, positions)
+            plan = plan_sequence(inputs.layouts, maps, length, config)
+            plan.attention = maps
+        am = inputs.attention_mask.numpy()
+        feed = {"inputs_embeds": embeds, "attention_mask": am, "position_ids": positions, **self._past(batch),
+                "scr_donor": plan.donor, "scr_scale": plan.scale, "scr_weight": plan.weight}
+        names = [o.name for o in self.sessions["decoder"].get_outputs()]
+        outs = dict(zip(names, self._run("decoder", feed)))
+        prefill = outs["logits"].astype(np.float32) if keep_prefill_logits else None
+        last = outs["logits"][:, -1].astype(np.float32)
+        eos = fam.tokenizer.eos_token_id
+        pad = fam.tokenizer.pad_token_id if fam.tokenizer.pad_token_id is not None else eos
+        suppressed = fam.suppressed_token_ids()
+        steps = max_new_tokens if forced_tokens is None else len(forced_tokens[0])
+        finished = np.zeros(batch, bool)
+        tokens, logits = [], []
+        mask_t = inputs.attention_mask
+        identity = SequencePlan.identity(batch, 1)
+        for step in range(steps):
+            logits.append(last)
+            if forced_tokens is not None:
+                nxt = np.asarray([row[step] for row in forced_tokens], np.int64)
+            else:
+                masked = last.copy()
+                masked[:, suppressed] = -np.inf
+                nxt = np.where(finished, pad, masked.argmax(-1)).astype(np.int64)
+            tokens.append(nxt)
+            if forced_tokens is None and stop_at_eos and eos is not None:
+                finished |= nxt == eos
+                if finished.all():
+                    break
+            if step == steps - 1:
+                break
+            mask_t = torch.cat([mask_t, torch.ones(batch, 1, dtype=mask_t.dtype)], dim=1)
+            pos = fam.decode_position_ids(inputs.tensors, mask_t).numpy()
+            feed = {"inputs_embeds": self._run("embed_tokens", {"input_ids": nxt[:, None]})[0],
+                    "attention_mask": mask_t.numpy(), "position_ids": pos,
+                    "scr_donor": identity.donor, "scr_scale": identity.scale, "scr_weight": identity.weight}
+            for i in range(self.num_layers):
+                for k in ("key", "value"):
+                    feed[f"past_key_values.{i}.{k}"] = outs[f"present.{i}.{k}"]
+            outs = dict(zip(names, self._run("decoder", feed)))
+            last = outs["logits"][:, -1].astype(np.float32)
+        toks = np.stack(tokens, axis=1) if tokens else np.zeros((batch, 0), np.int64)
+        texts = [fam.tokenizer.decode([t for t in row if t not in (pad, eos)]) for row in toks.tolist()]
+        return OrtResult(tokens=toks, texts=texts, plan=plan, logits=logits, prefill_logits=prefill, attention=maps)

@@ -1,0 +1,142 @@
+"""`scr-export convert --to onnx`: export, rewrite with the SCR passes, write the artefact directory atomically."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .errors import SCRExportError
+from .manifest import checkpoint_hash, write_manifest
+
+Progress = Callable[[str], None]
+
+GRAPH_FILES = {"vision": "vision_encoder.onnx", "embed_tokens": "embed_tokens.onnx",
+               "diagnostic": "diagnostic.onnx", "decoder": "decoder_model_merged.onnx"}
+
+
+def _stderr(msg: str) -> None:
+    print(f"[scr-export] {msg}", file=sys.stderr, flush=True)
+
+
+def sample_image():
+    """A structured synthetic image to trace the vision graph (any size the family accepts)."""
+    import numpy as np
+    from PIL import Image
+
+    y, x = np.mgrid[0:240, 0:320]
+    img = np.stack([x / 320 * 255, y / 240 * 255, (np.sin(x / 13) * 0.5 + 0.5) * 255], -1)
+    return Image.fromarray(img.astype(np.uint8))
+
+
+def _versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+    import torch
+    import transformers
+
+    return {"scr_export": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+
+
+def convert_to_onnx(model: str, out: str | Path, *, precision: str = "fp32", exporter: str = "dynamo",
+                    config_overrides: dict[str, Any] | None = None, force: bool = False,
+                    progress: Progress = _stderr):
+    """Write ``out`` with the four graphs, tokenizer / image processor files and manifest.json."""
+    import torch
+
+    from graph_passes.extract_diagnostic import ExtractDiagnosticPass
+    from graph_passes.insert_redistribution import InsertRedistributionPass
+    from graph_passes.io import load_model, save_model
+
+    from .loading import load_vlm
+    from .onnx_export.decoder import export_decoder, io_names, kv_shape
+    from .onnx_export.vision import export_embed_tokens, export_vision, vision_io
+
+    out = Path(out)
+    if precision not in ("fp32", "fp16"):
+        raise SCRExportError(f"precision {precision!r} is not supported for ONNX", "use --precision fp32 or fp16")
+    if exporter not in ("dynamo", "legacy"):
+        raise SCRExportError(f"exporter {exporter!r} is unknown", "use --exporter dynamo (default) or legacy")
+    if out.exists() and not force:
+        raise SCRExportError(f"{out} already exists", "choose another --out, or pass --force to replace it")
+    if not out.parent.exists():
+        raise SCRExportError(f"the directory {out.parent} does not exist", "create it or choose another --out")
+    t0 = time.perf_counter()
+    progress(f"[1/6] loading {model} ({precision})")
+    fam = load_vlm(model, dtype="float16" if precision == "fp16" else "float32")
+    config = fam.scr_config(**(config_overrides or {}))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        image_inputs = fam.process_images([sample_image()])
+        raw = tmp / "raw"
+        raw.mkdir()
+        progress("[2/6] exporting the vision encoder (dynamo)")
+        export_vision(fam, image_inputs, raw / GRAPH_FILES["vision"])
+        progress("[3/6] exporting the token embeddings (dynamo)")
+        export_embed_tokens(fam, raw / GRAPH_FILES["embed_tokens"])
+        progress(f"[4/6] exporting the decoder with KV cache ({exporter})")
+        export_decoder(fam, raw / "decoder.onnx", dynamo=exporter == "dynamo")
+        progress(f"[5/6] graph passes: SCR after layers {config.layers[0]}..{config.layers[1]}, "
+                 f"diagnostic over layers {config.diag_layers[0]}..{config.diag_layers[1]}")
+        decoder = load_model(raw / "decoder.onnx")
+        InsertRedistributionPass(config.layer_indices())(decoder)
+        save_model(decoder, tmp / GRAPH_FILES["decoder"])
+        diagnostic = load_model(raw / "decoder.onnx")
+        ExtractDiagnosticPass(config.diag_layer_indices())(diagnostic)
+        save_model(diagnostic, tmp / GRAPH_FILES["diagnostic"])
+        for key in ("vision", "embed_tokens"):  # re-saved: IR version 10, data beside each file
+            save_model(load_model(raw / GRAPH_FILES[key]), tmp / GRAPH_FILES[key])
+        del decoder, diagnostic
+        shutil.rmtree(raw)
+        fam.tokenizer.save_pretrained(tmp)
+        fam.image_processor.save_pretrained(tmp)
+        fam.config.save_pretrained(tmp)
+        if fam.processor_config:
+            import json
+
+            (tmp / "processor_config.json").write_text(json.dumps(fam.processor_config, indent=2, sort_keys=True))
+        kv, head_dim = kv_shape(fam)
+        dec_in, dec_out = io_names(fam)
+        vis_in, vis_out = vision_io(fam)
+        manifest = {
+            "family": fam.name, "display_name": fam.display_name,
+            "source": {"model": model, "preset": fam.preset, "path": str(fam.path), "sha256": checkpoint_hash(fam.path)},
+            "versions": _versions(), "precision": precision, "exporter": exporter,
+            "scr": config.to_dict(),
+            "image_tokens": {"image_token_id": fam.image_token_id, "placeholder": fam.placeholder,
+                             "prompt_template": fam.prompt_template, "grid_rule": fam.grid_rule},
+            "decoder": {"num_layers": fam.num_layers, "kv_heads": kv, "head_dim": head_dim,
+                        "hidden_size": fam.text_config.hidden_size, "mrope": fam.uses_mrope},
+            "graphs": {
+                "vision": {"file": GRAPH_FILES["vision"], "inputs": vis_in, "outputs": vis_out},
+                "embed_tokens": {"file": GRAPH_FILES["embed_tokens"], "inputs": ["input_ids"],
+                                 "outputs": ["inputs_embeds"]},
+                "diagnostic": {"file": GRAPH_FILES["diagnostic"], "inputs": dec_in[:3] + ["scr_query_mask"],
+                               "outputs": ["scr_attention"]},
+                "decoder": {"file": GRAPH_FILES["decoder"],
+                            "inputs": dec_in + ["scr_donor", "scr_scale", "scr_weight"], "outputs": dec_out},
+            },
+            "parity": None,
+        }
+        write_manifest(tmp, manifest)
+        progress("[6/6] parity against the PyTorch reference")
+        from .parity import validate_directory
+
+        report = validate_directory(tmp, family=fam)
+        manifest["parity"] = report.to_dict()
+        write_manifest(tmp, manifest)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    progress(f"wrote {out} in {time.perf_counter() - t0:.1f}s")
+    return out, report

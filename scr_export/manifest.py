@@ -1,0 +1,61 @@
+"""`manifest.json`: what a converted directory holds, so runtimes read it and never guess."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from .errors import SCRExportError
+
+MANIFEST = "manifest.json"
+FORMAT = 1
+
+
+class ManifestError(SCRExportError):
+    """A converted directory is missing, incomplete, or from an incompatible scr-export."""
+
+
+def checkpoint_hash(path: Path) -> str:
+    """sha256 over config.json and the weight files (names and bytes), in a stable order."""
+    h = hashlib.sha256()
+    files = sorted(p for p in path.iterdir() if p.name == "config.json" or p.suffix in (".safetensors", ".bin"))
+    for p in files:
+        h.update(p.name.encode())
+        with p.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(directory: Path, data: dict[str, Any]) -> None:
+    (directory / MANIFEST).write_text(json.dumps({"format": FORMAT, **data}, indent=2, sort_keys=True))
+
+
+def read_manifest(directory: str | Path) -> dict[str, Any]:
+    d = Path(directory)
+    if not d.is_dir():
+        raise ManifestError(f"{d} is not a directory", "pass the directory written by `scr-export convert`")
+    f = d / MANIFEST
+    if not f.is_file():
+        raise ManifestError(f"{d} has no {MANIFEST}, so it was not written by `scr-export convert`",
+                            f"run `scr-export convert MODEL --to onnx --out {d}` first")
+    try:
+        data = json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ManifestError(f"{f} is not valid JSON ({exc})", "convert the model again") from None
+    fmt = data.get("format")
+    if not isinstance(fmt, int):
+        raise ManifestError(f"{f} has no format number", "convert the model again")
+    if fmt > FORMAT:
+        raise ManifestError(f"{f} has format {fmt}, newer than this scr-export understands ({FORMAT})",
+                            "upgrade scr-export (pip install -U scr-export), or convert again with this version")
+    for key in ("family", "graphs", "scr", "source"):
+        if key not in data:
+            raise ManifestError(f"{f} lacks the {key!r} entry", "convert the model again")
+    for name, info in data["graphs"].items():
+        if not (d / info["file"]).is_file():
+            raise ManifestError(f"{d} lacks {info['file']} ({name}) named in its manifest",
+                                "the directory is incomplete: convert the model again")
+    return data

@@ -1,0 +1,183 @@
+"""Parity: a deployed runtime against the PyTorch reference, teacher-forced, with the gates of DESIGN.md."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import SCRExportError
+
+# DESIGN.md's gates by precision (starting points; tighten with evidence)
+GATES = {
+    "fp32": {"max_rel": 1e-4, "plan_identical": True, "greedy_identical": True},
+    "fp16": {"cosine": 0.999, "norm_ratio": 0.01, "plan_jaccard": 0.9},
+    "int8": {"cosine": 0.99, "norm_ratio": 0.05, "scr_effect_cosine": 0.95},
+    "4bit": {"cosine": 0.97, "norm_ratio": 0.1, "scr_effect_cosine": 0.9},
+}
+_MASKED = -1e30  # Chameleon's head sets image-token logits to finfo.min
+
+
+def _flat(x: np.ndarray) -> np.ndarray:
+    return np.asarray(x, dtype=np.float64).reshape(-1)
+
+
+@dataclasses.dataclass
+class Comparison:
+    """Candidate vs reference on one output."""
+
+    name: str
+    max_abs: float
+    max_rel: float
+    cosine: float
+    norm_ratio: float
+    top1: float
+    kl: float
+
+    @classmethod
+    def of(cls, name: str, cand: np.ndarray, ref: np.ndarray) -> "Comparison":
+        cand, ref = np.asarray(cand, np.float64), np.asarray(ref, np.float64)
+        if cand.shape != ref.shape:
+            raise SCRExportError(f"{name}: candidate shape {cand.shape} != reference {ref.shape}",
+                                 "the deployed graph does not match the reference model")
+        masked = ref <= _MASKED
+        if not np.array_equal(masked, cand <= _MASKED):
+            return cls(name, float("inf"), float("inf"), 0.0, 0.0, 0.0, float("inf"))
+        c, r = np.where(masked, 0, cand), np.where(masked, 0, ref)
+        diff = np.abs(c - r)
+        cos = float(np.dot(_flat(c), _flat(r)) / max(np.linalg.norm(c) * np.linalg.norm(r), 1e-300))
+        ratio = float(np.linalg.norm(c) / max(np.linalg.norm(r), 1e-300))
+        top1 = float(np.mean(np.argmax(np.where(masked, -np.inf, cand), -1) == np.argmax(np.where(masked, -np.inf, ref), -1)))
+        lr = np.where(masked, -np.inf, ref)
+        lc = np.where(masked, -np.inf, cand)
+        pr = np.exp(lr - lr.max(-1, keepdims=True))
+        pr /= pr.sum(-1, keepdims=True)
+        lpr = lr - lr.max(-1, keepdims=True) - np.log(np.exp(lr - lr.max(-1, keepdims=True)).sum(-1, keepdims=True))
+        lpc = lc - lc.max(-1, keepdims=True) - np.log(np.exp(lc - lc.max(-1, keepdims=True)).sum(-1, keepdims=True))
+        kl = float(np.mean(np.sum(np.where(pr > 0, pr * (lpr - np.where(pr > 0, lpc, 0)), 0), -1)))
+        return cls(name, float(diff.max()), float(diff.max() / max(np.abs(r).max(), 1e-300)), cos, ratio, top1, kl)
+
+
+@dataclasses.dataclass
+class ParityReport:
+    """Truthy when every gate of its precision passes; carries all the numbers."""
+
+    precision: str
+    provider: str
+    comparisons: list[Comparison]
+    plan_identical: bool
+    plan_jaccard: float
+    scr_effect_cosine: float
+    greedy_identical: bool
+    ref_tokens: list[list[int]]
+    cand_tokens: list[list[int]]
+    failures: list[str] = dataclasses.field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.failures = self._check()
+
+    def _check(self) -> list[str]:
+        gate = GATES[self.precision]
+        fails = []
+        for c in self.comparisons:
+            if "max_rel" in gate and not c.max_rel <= gate["max_rel"]:
+                fails.append(f"{c.name}: max rel. error {c.max_rel:.2e} > {gate['max_rel']:.0e}")
+            if "cosine" in gate and not c.cosine >= gate["cosine"]:
+                fails.append(f"{c.name}: cosine {c.cosine:.5f} < {gate['cosine']}")
+            if "norm_ratio" in gate and not abs(c.norm_ratio - 1) <= gate["norm_ratio"]:
+                fails.append(f"{c.name}: |norm ratio - 1| = {abs(c.norm_ratio - 1):.4f} > {gate['norm_ratio']}")
+        if gate.get("plan_identical") and not self.plan_identical:
+            fails.append("the plan differs from the reference's (sources or donors)")
+        if "plan_jaccard" in gate and not self.plan_jaccard >= gate["plan_jaccard"]:
+            fails.append(f"plan Jaccard {self.plan_jaccard:.3f} < {gate['plan_jaccard']}")
+        if gate.get("greedy_identical") and not self.greedy_identical:
+            fails.append("greedy tokens differ from the reference's")
+        if "scr_effect_cosine" in gate and not self.scr_effect_cosine >= gate["scr_effect_cosine"]:
+            fails.append(f"SCR effect cosine {self.scr_effect_cosine:.4f} < {gate['scr_effect_cosine']}")
+        return fails
+
+    def __bool__(self) -> bool:
+        return not self.failures
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["passed"] = bool(self)
+        d["gates"] = GATES[self.precision]
+        return d
+
+    def table(self) -> str:
+        head = f"{'output':<22} {'max|Δ|':>10} {'max rel':>10} {'cosine':>10} {'norm ratio':>11} {'top-1':>7} {'KL':>10}"
+        rows = [head, "-" * len(head)]
+        for c in self.comparisons:
+            rows.append(f"{c.name:<22} {c.max_abs:>10.3e} {c.max_rel:>10.3e} {c.cosine:>10.6f} {c.norm_ratio:>11.6f} "
+                        f"{c.top1:>7.3f} {c.kl:>10.3e}")
+        rows.append(f"plan: identical={self.plan_identical}  source Jaccard={self.plan_jaccard:.3f}   "
+                    f"SCR effect cosine={self.scr_effect_cosine:.6f}   greedy tokens identical={self.greedy_identical}")
+        rows.append(f"precision {self.precision}, provider {self.provider}: "
+                    + ("PASS" if self else "FAIL\n  " + "\n  ".join(self.failures)))
+        return "\n".join(rows)
+
+
+def _cos(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = _flat(a), _flat(b)
+    a, b = np.where(np.abs(a) > 1e30, 0, a), np.where(np.abs(b) > 1e30, 0, b)
+    return float(np.dot(a, b) / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-300))
+
+
+def _jaccard(a, b) -> float:
+    sa, sb = set(map(int, a)), set(map(int, b))
+    return 1.0 if not sa and not sb else len(sa & sb) / len(sa | sb)
+
+
+def default_inputs():
+    from .convert import sample_image
+
+    return [[sample_image()]], ["What is in this picture? Describe the main object."]
+
+
+def validate_directory(directory: str | Path, *, family: Any = None, images=None, prompts=None, steps: int = 16,
+                       device: str = "auto") -> ParityReport:
+    """Compare the ONNX Runtime run of ``directory`` with the PyTorch reference of the manifest's checkpoint."""
+    from runtimes.onnxruntime_runner import OrtVLM
+
+    from .loading import load_vlm
+    from .manifest import checkpoint_hash
+    from .reference import generate
+
+    runner = OrtVLM(directory, device=device)
+    manifest = runner.manifest
+    if family is None:
+        family = load_vlm(manifest["source"]["model"])
+        if checkpoint_hash(family.path) != manifest["source"]["sha256"]:
+            raise SCRExportError(f"the checkpoint {manifest['source']['model']} changed since the conversion "
+                                 "(its hash differs from the manifest's)", "convert again from the current checkpoint")
+    if images is None:
+        images, prompts = default_inputs()
+    inputs = runner.encode(images, prompts)
+    cfg = runner.config
+    ref_on = generate(family, inputs, cfg, max_new_tokens=steps, stop_at_eos=False, keep_prefill_logits=True)
+    forced = ref_on.tokens.tolist()
+    cand_on = runner.generate(inputs, config=cfg, forced_tokens=forced, keep_prefill_logits=True)
+    cand_free = runner.generate(inputs, config=cfg, max_new_tokens=steps, stop_at_eos=False)
+    ref_off = generate(family, inputs, cfg, scr=False, max_new_tokens=1, stop_at_eos=False, keep_prefill_logits=True)
+    cand_off = runner.generate(inputs, config=cfg, scr=False, max_new_tokens=1, stop_at_eos=False,
+                               keep_prefill_logits=True)
+    comparisons = [Comparison.of("prefill logits (SCR)", cand_on.prefill_logits, ref_on.prefill_logits),
+                   Comparison.of(f"decode logits x{steps}", np.stack(cand_on.logits), np.stack(ref_on.logits)),
+                   Comparison.of("prefill logits (no SCR)", cand_off.prefill_logits, ref_off.prefill_logits)]
+    ref_plan, cand_plan = ref_on.plan, cand_on.plan
+    identical = (np.array_equal(ref_plan.donor, cand_plan.donor) and np.array_equal(ref_plan.scale, cand_plan.scale)
+                 and np.array_equal(ref_plan.weight, cand_plan.weight))
+    jac = [_jaccard(a.sources, b.sources) for a, b in zip(ref_plan.images, cand_plan.images)]
+    effect = _cos(cand_on.prefill_logits - cand_off.prefill_logits, ref_on.prefill_logits - ref_off.prefill_logits)
+    return ParityReport(precision=manifest["precision"], provider=runner.provider, comparisons=comparisons,
+                        plan_identical=bool(identical), plan_jaccard=float(min(jac) if jac else 1.0),
+                        scr_effect_cosine=effect, greedy_identical=bool(np.array_equal(cand_free.tokens, ref_on.tokens)),
+                        ref_tokens=ref_on.tokens.tolist(), cand_tokens=cand_free.tokens.tolist())
+
+
+def write_report(report: ParityReport, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(report.to_dict(), indent=2))
