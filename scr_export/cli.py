@@ -202,7 +202,131 @@ class Explain(Command):
         return 0
 
 
-COMMANDS: list[Command] = [Inspect(), Generate(), Explain()]
+def _scr_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {name: getattr(args, name) for name in ("k", "lam", "layers", "diag_layers", "border")
+            if getattr(args, name, None) is not None}
+
+
+class Convert(Command):
+    """Export MODEL to ONNX with SCR inserted by graph passes, then check parity against the PyTorch reference.
+
+    Writes DIR with vision_encoder.onnx, embed_tokens.onnx, diagnostic.onnx, decoder_model_merged.onnx (weights
+    beside each as .data), the tokenizer and image processor, and manifest.json (with the parity results). The
+    directory appears only when everything succeeded. Exits 1 if a parity gate fails (the directory is kept, and
+    its manifest records the failure), unless --no-fail-on-parity.
+    """
+
+    name = "convert"
+
+    def add_arguments(self, p):
+        add_model_arg(p)
+        p.add_argument("--to", choices=["onnx", "trt"], required=True, help="target runtime")
+        p.add_argument("--out", required=True, metavar="DIR", help="the directory to write (must not exist)")
+        p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
+        p.add_argument("--exporter", choices=["dynamo", "legacy"], default="dynamo",
+                       help="torch.onnx exporter for the decoder (default dynamo)")
+        p.add_argument("--force", action="store_true", help="replace DIR if it exists")
+        p.add_argument("--no-fail-on-parity", action="store_true", help="exit 0 even when a parity gate fails")
+        g = p.add_argument_group("SCR baked into the graphs (λ and k stay run-time inputs of the plan)")
+        g.add_argument("--layers", metavar="A..B", help="decoder layers that get an SCR node")
+        g.add_argument("--diag-layers", metavar="A..B", help="layers whose attention the diagnostic graph exposes")
+        g.add_argument("--k", type=int, help="default sources per image recorded in the manifest")
+        g.add_argument("--lambda", dest="lam", type=float, metavar="λ", help="default λ recorded in the manifest")
+        g.add_argument("--border", choices=["exclude", "include"])
+
+    def run(self, args):
+        from .convert import convert_to_onnx
+
+        if args.to == "trt":
+            raise SCRExportError("--to trt is not available yet: the TensorRT path is being built (issue 5)",
+                                 "convert with --to onnx; TensorRT can build an engine from that ONNX graph "
+                                 "(the SCR nodes carry their standard-op function body)")
+        _, report = convert_to_onnx(args.model, args.out, precision=args.precision, exporter=args.exporter,
+                                    config_overrides=_scr_overrides(args), force=args.force, progress=_log)
+        print(report.table())
+        return 0 if report or args.no_fail_on_parity else 1
+
+
+class Run(Command):
+    """Run a converted directory with ONNX Runtime: image + prompt in, generated text out (SCR on unless --no-scr)."""
+
+    name = "run"
+
+    def add_arguments(self, p):
+        p.add_argument("dir", metavar="DIR", help="a directory written by `scr-export convert --to onnx`")
+        add_input_args(p)
+        p.add_argument("--no-scr", action="store_true", help="identity plan: the unmodified model")
+        p.add_argument("--max-new-tokens", type=int, default=32, metavar="N")
+        p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                       help="ONNX Runtime provider (auto: CUDA when onnxruntime-gpu sees a GPU)")
+        g = p.add_argument_group("SCR plan (defaults: the manifest's)")
+        g.add_argument("--k", type=int)
+        g.add_argument("--lambda", dest="lam", type=float, metavar="λ")
+        g.add_argument("--border", choices=["exclude", "include"])
+
+    def run(self, args):
+        from runtimes.onnxruntime_runner import OrtVLM
+
+        from .processing import load_image
+
+        if args.max_new_tokens < 1:
+            raise SCRExportError(f"--max-new-tokens {args.max_new_tokens} is not positive", "use N >= 1")
+        images = [load_image(p) for p in args.image]
+        t0 = time.perf_counter()
+        runner = OrtVLM(args.dir, device=args.device)
+        _log(f"loaded {args.dir} ({runner.manifest['display_name']}, {runner.manifest['precision']}) on "
+             f"{runner.provider} in {time.perf_counter() - t0:.1f}s")
+        config = runner.config.replace(**{k: v for k, v in _scr_overrides(args).items()})
+        inputs = runner.encode([images], [args.prompt])
+        t0 = time.perf_counter()
+        res = runner.generate(inputs, scr=not args.no_scr, max_new_tokens=args.max_new_tokens, config=config)
+        for p in res.plan.images:
+            what = f"skipped: {p.skipped}" if p.skipped else f"sources {p.sources.tolist()}"
+            _log(f"image at {p.span.start}..{p.span.end - 1}: {what}")
+        _log(f"{'SCR ' + str(config.to_dict()) if not args.no_scr else 'no SCR'}; {res.tokens.shape[1]} tokens in "
+             f"{time.perf_counter() - t0:.2f}s")
+        print(res.texts[0])
+        return 0
+
+
+class Validate(Command):
+    """Check a converted directory against the PyTorch reference (teacher-forced) and apply DESIGN.md's gates.
+
+    Prints a table per output (max |Δ|, max rel. error, cosine, norm ratio, top-1 agreement, KL) with plan
+    agreement, SCR-effect cosine and greedy-token agreement; writes the same as JSON (--json); exits 1 if a gate
+    fails. The reference is the checkpoint named in the manifest (presets are rebuilt deterministically).
+    """
+
+    name = "validate"
+
+    def add_arguments(self, p):
+        p.add_argument("dir", metavar="DIR", help="a directory written by `scr-export convert --to onnx`")
+        p.add_argument("--image", action="append", metavar="IMG", help="image(s) to validate on (default: synthetic)")
+        p.add_argument("--prompt", default="What is in this picture? Describe the main object.", metavar="TEXT")
+        p.add_argument("--steps", type=int, default=16, help="teacher-forced decode steps (default 16)")
+        p.add_argument("--json", metavar="FILE", help="write the report as JSON (default DIR/parity.json)")
+        p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+
+    def run(self, args):
+        from .manifest import read_manifest
+        from .parity import validate_directory, write_report
+        from .processing import load_image
+
+        read_manifest(args.dir)  # clear errors before loading anything heavy
+        if args.steps < 1:
+            raise SCRExportError(f"--steps {args.steps} is not positive", "use at least 1 (8 or more recommended)")
+        images = [[load_image(p) for p in args.image]] if args.image else None
+        prompts = [args.prompt] if images else None
+        _log("running ONNX Runtime and the PyTorch reference ...")
+        report = validate_directory(args.dir, images=images, prompts=prompts, steps=args.steps, device=args.device)
+        out = Path(args.json) if args.json else Path(args.dir) / "parity.json"
+        write_report(report, out)
+        print(report.table())
+        _log(f"report written to {out}")
+        return 0 if report else 1
+
+
+COMMANDS: list[Command] = [Inspect(), Generate(), Explain(), Convert(), Run(), Validate()]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -132,6 +132,7 @@ def convert_to_onnx(model: str, out: str | Path, *, precision: str = "fp32", exp
         report = validate_directory(tmp, family=fam)
         manifest["parity"] = report.to_dict()
         write_manifest(tmp, manifest)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the artefact is meant to be shared
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

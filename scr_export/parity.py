@@ -51,14 +51,23 @@ class Comparison:
         cos = float(np.dot(_flat(c), _flat(r)) / max(np.linalg.norm(c) * np.linalg.norm(r), 1e-300))
         ratio = float(np.linalg.norm(c) / max(np.linalg.norm(r), 1e-300))
         top1 = float(np.mean(np.argmax(np.where(masked, -np.inf, cand), -1) == np.argmax(np.where(masked, -np.inf, ref), -1)))
-        lr = np.where(masked, -np.inf, ref)
-        lc = np.where(masked, -np.inf, cand)
-        pr = np.exp(lr - lr.max(-1, keepdims=True))
-        pr /= pr.sum(-1, keepdims=True)
-        lpr = lr - lr.max(-1, keepdims=True) - np.log(np.exp(lr - lr.max(-1, keepdims=True)).sum(-1, keepdims=True))
-        lpc = lc - lc.max(-1, keepdims=True) - np.log(np.exp(lc - lc.max(-1, keepdims=True)).sum(-1, keepdims=True))
-        kl = float(np.mean(np.sum(np.where(pr > 0, pr * (lpr - np.where(pr > 0, lpc, 0)), 0), -1)))
-        return cls(name, float(diff.max()), float(diff.max() / max(np.abs(r).max(), 1e-300)), cos, ratio, top1, kl)
+        return cls(name, float(diff.max()), float(diff.max() / max(np.abs(r).max(), 1e-300)), cos, ratio, top1,
+                   _kl(ref, cand, masked))
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    m = x.max(-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
+
+
+def _kl(ref: np.ndarray, cand: np.ndarray, masked: np.ndarray) -> float:
+    """Mean KL(softmax(ref) || softmax(cand)) over positions, masked vocabulary entries left out."""
+    keep = ~masked.reshape(-1, masked.shape[-1]).any(0)
+    r = ref.reshape(-1, ref.shape[-1])[:, keep]
+    c = cand.reshape(-1, cand.shape[-1])[:, keep]
+    lr, lc = _log_softmax(r), _log_softmax(c)
+    return float(np.mean(np.sum(np.exp(lr) * (lr - lc), -1)))
+
 
 
 @dataclasses.dataclass

@@ -33,8 +33,14 @@ def readme_main_job():
     return setup.strip().split("&&")[-1].strip()
 
 
+@pytest.fixture(scope="module")
+def readme_cwd(tmp_path_factory):
+    return tmp_path_factory.mktemp("readme")  # the examples build on each other (convert, then run, validate)
+
+
 @pytest.mark.parametrize("line", readme_cli_examples())
-def test_readme_cli_examples_run(line, tmp_path):
+def test_readme_cli_examples_run(line, readme_cwd):
+    tmp_path = readme_cwd
     args = shlex.split(line)[1:]
     args = [str(ROOT / a) if a.startswith("examples/") else a for a in args]
     res = run(args, cwd=tmp_path)
