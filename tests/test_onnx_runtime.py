@@ -1,0 +1,128 @@
+"""ONNX Runtime end to end, per family (tiny presets, fp32): convert, run, validate against the PyTorch reference."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnxruntime", reason="the ONNX extra is not installed: pip install -e '.[onnx]'")
+
+from conftest import TINY_PRESETS, load, make_image  # noqa: E402
+from runtimes.onnxruntime_runner import OrtVLM  # noqa: E402
+from scr_export.convert import convert_to_onnx  # noqa: E402
+from scr_export.reference import generate  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+_CONVERTED: dict[str, tuple[Path, object]] = {}
+
+
+@pytest.fixture(scope="session")
+def converted(tmp_path_factory):
+    def get(family: str):
+        if family not in _CONVERTED:
+            out = tmp_path_factory.mktemp("onnx") / family
+            _CONVERTED[family] = convert_to_onnx(TINY_PRESETS[family], out, progress=lambda m: None)
+        return _CONVERTED[family]
+
+    return get
+
+
+def test_conversion_passes_the_fp32_gates(family_name, converted):
+    out, report = converted(family_name)
+    assert report, report.table()
+    logits = report.comparisons
+    assert all(c.max_rel <= 1e-4 for c in logits)
+    assert report.plan_identical and report.greedy_identical and len(report.ref_tokens[0]) == 16
+    assert any(c.name.startswith("decode logits x16") for c in logits)  # >= 8 teacher-forced decode steps
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["parity"]["passed"] and manifest["family"] == family_name
+    assert {p.name for p in out.iterdir()} >= {"vision_encoder.onnx", "embed_tokens.onnx", "diagnostic.onnx",
+                                               "decoder_model_merged.onnx", "manifest.json", "tokenizer.json"}
+    import onnx
+
+    for name in ("vision_encoder.onnx", "embed_tokens.onnx", "diagnostic.onnx", "decoder_model_merged.onnx"):
+        assert onnx.load(str(out / name), load_external_data=False).ir_version == 10
+
+
+def test_runner_on_a_new_image_matches_the_reference_and_scr_is_not_a_no_op(family_name, converted):
+    out, _ = converted(family_name)
+    runner = OrtVLM(out, device="cpu")
+    vlm = load(TINY_PRESETS[family_name])
+    image = make_image(180, 150, seed=7)
+    inputs = runner.encode([[image]], ["Is there a red block?"])
+    ref = generate(vlm, inputs, runner.config, max_new_tokens=16, stop_at_eos=False, keep_prefill_logits=True)
+    on = runner.generate(inputs, max_new_tokens=16, stop_at_eos=False, keep_prefill_logits=True)
+    off = runner.generate(inputs, scr=False, max_new_tokens=1, keep_prefill_logits=True)
+    assert on.tokens.tolist() == ref.tokens.tolist()
+    assert [s.tolist() for s in on.plan.sources(0)] == [s.tolist() for s in ref.plan.sources(0)]
+    finite = np.abs(ref.prefill_logits) < 1e30
+    rel = np.abs(on.prefill_logits - ref.prefill_logits)[finite].max() / np.abs(ref.prefill_logits[finite]).max()
+    assert rel <= 1e-4
+    assert not np.allclose(on.prefill_logits, off.prefill_logits), "SCR in the graph must change the logits"
+
+
+def run_cli(*args):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "scr_export.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=600)
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.mark.parametrize("case", ["no_manifest", "corrupted_onnx", "bad_image", "newer_manifest", "missing_graph"])
+def test_bad_directories_and_inputs(case, converted, tmp_path):
+    src, _ = converted("llava")
+    d = _copy(src, tmp_path / "d")
+    image = tmp_path / "img.png"
+    make_image().save(image)
+    expect = {"no_manifest": "has no manifest.json", "corrupted_onnx": "ONNX Runtime cannot load",
+              "bad_image": "too small", "newer_manifest": "newer than this scr-export",
+              "missing_graph": "lacks diagnostic.onnx"}[case]
+    if case == "no_manifest":
+        (d / "manifest.json").unlink()
+    elif case == "corrupted_onnx":
+        (d / "decoder_model_merged.onnx").write_bytes(b"\x08\x07garbage" * 100)
+    elif case == "bad_image":
+        from PIL import Image
+
+        Image.new("RGB", (1, 1)).save(image)
+    elif case == "newer_manifest":
+        m = json.loads((d / "manifest.json").read_text())
+        m["format"] = 99
+        (d / "manifest.json").write_text(json.dumps(m))
+    elif case == "missing_graph":
+        (d / "diagnostic.onnx").unlink()
+    for command in (["run", str(d), "--image", str(image), "--prompt", "hi"], ["validate", str(d)]):
+        if case == "bad_image" and command[0] == "validate":
+            command += ["--image", str(image)]
+        res = run_cli(*command)
+        assert res.returncode == 2, (command, res.stderr)
+        assert expect in res.stderr and "fix:" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_convert_refuses_an_existing_directory_and_leaves_nothing_on_failure(tmp_path):
+    existing = tmp_path / "exists"
+    existing.mkdir()
+    res = run_cli("convert", "tiny-llava", "--to", "onnx", "--out", str(existing))
+    assert res.returncode == 2 and "already exists" in res.stderr and "--force" in res.stderr
+    res = run_cli("convert", "tiny-llava", "--to", "onnx", "--out", str(tmp_path / "x"), "--layers", "7..9")
+    assert res.returncode == 2 and "starts past the decoder's last layer" in res.stderr
+
+    def interrupt(msg):  # the user presses Ctrl-C during the graph passes
+        if msg.startswith("[5/6]"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        convert_to_onnx("tiny-llava", tmp_path / "y", progress=interrupt)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exists"]  # no temp directory, no half-written output
