@@ -18,7 +18,7 @@ GATES = {
     "int8": {"cosine": 0.99, "norm_ratio": 0.05, "scr_effect_cosine": 0.95},
     "4bit": {"cosine": 0.97, "norm_ratio": 0.1, "scr_effect_cosine": 0.9},
 }
-_MASKED = -1e30  # Chameleon's head sets image-token logits to finfo.min
+_MASKED = -65504.0  # Chameleon masks image-token logits with finfo(dtype).min: -3.4e38 (fp32), -65504 (fp16)
 
 
 def _flat(x: np.ndarray) -> np.ndarray:
@@ -132,7 +132,7 @@ class ParityReport:
 
 def _cos(a: np.ndarray, b: np.ndarray) -> float:
     a, b = _flat(a), _flat(b)
-    a, b = np.where(np.abs(a) > 1e30, 0, a), np.where(np.abs(b) > 1e30, 0, b)
+    a, b = np.where(a <= _MASKED, 0, a), np.where(b <= _MASKED, 0, b)
     return float(np.dot(a, b) / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-300))
 
 

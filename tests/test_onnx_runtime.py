@@ -126,3 +126,18 @@ def test_convert_refuses_an_existing_directory_and_leaves_nothing_on_failure(tmp
     with pytest.raises(KeyboardInterrupt):
         convert_to_onnx("tiny-llava", tmp_path / "y", progress=interrupt)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exists"]  # no temp directory, no half-written output
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "chameleon"])
+def test_fp16_export_passes_the_fp16_gates_against_the_fp32_reference(family, tmp_path):
+    out, report = convert_to_onnx(TINY_PRESETS[family], tmp_path / "fp16", precision="fp16", progress=lambda m: None)
+    assert report.precision == "fp16"
+    assert report, report.table()
+    assert all(c.cosine >= 0.999 and abs(c.norm_ratio - 1) <= 0.01 for c in report.comparisons)
+    assert report.plan_jaccard >= 0.9
+    assert 1e-6 < report.comparisons[0].max_abs  # judged against the fp32 model, not an fp16 copy of it
+    import onnx
+
+    dec = onnx.load(str(out / "decoder_model_merged.onnx"), load_external_data=False)
+    embeds = next(i for i in dec.graph.input if i.name == "inputs_embeds")
+    assert embeds.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
