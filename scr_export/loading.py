@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from pathlib import Path
@@ -69,6 +70,35 @@ def resolve_device(device: str = "auto") -> str:
     return device
 
 
+@contextlib.contextmanager
+def _quiet_transformers():
+    """transformers logs backend fallbacks (PIL image processors without torchvision) as warnings: not ours to show."""
+    import transformers
+
+    log = logging.getLogger("transformers")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def _load_processing(path: Path, fix: str) -> tuple[Any, Any, dict[str, Any]]:
+    """Tokenizer, image processor and processor_config.json (token-expansion settings) of a directory."""
+    import transformers
+
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+        image_processor = transformers.AutoImageProcessor.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load the tokenizer / image processor from {path}: {exc}", fix) from None
+    pc_file = path / "processor_config.json"
+    processor_config = json.loads(pc_file.read_text()) if pc_file.is_file() else {}
+    return tokenizer, image_processor, processor_config
+
+
 def load_vlm(spec: str, *, dtype: str = "float32", device: str = "cpu") -> VLMFamily:
     """Load MODEL with eager attention (the diagnostic pass needs attention probabilities).
 
@@ -83,32 +113,18 @@ def load_vlm(spec: str, *, dtype: str = "float32", device: str = "cpu") -> VLMFa
     path, preset = resolve_model_path(spec)
     fam_cls = detect_family(path)
     torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
-    quiet = logging.getLogger("transformers")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
-    try:
-        transformers.utils.logging.disable_progress_bar()
+    with _quiet_transformers():
         model_cls = getattr(transformers, fam_cls.model_class)
         try:
             model = model_cls.from_pretrained(path, attn_implementation="eager", dtype=torch_dtype)
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"cannot load the {fam_cls.display_name} weights from {path}: {exc}",
                                  "check that the directory holds the model's weights (safetensors) and config") from None
-        try:
-            tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-            image_processor = transformers.AutoImageProcessor.from_pretrained(path)
-        except (OSError, ValueError) as exc:
-            raise ModelLoadError(f"cannot load the tokenizer / image processor from {path}: {exc}",
-                                 "the checkpoint directory needs its tokenizer and preprocessor_config.json") from None
-    finally:
-        quiet.setLevel(level)
+        tokenizer, image_processor, processor_config = _load_processing(
+            path, "the checkpoint directory needs its tokenizer and preprocessor_config.json")
     model.to(device).eval()
-    pc_file = path / "processor_config.json"
-    processor_config = json.loads(pc_file.read_text()) if pc_file.is_file() else {}
     fam = fam_cls(model, tokenizer, image_processor, processor_config)
-    fam.source = spec
-    fam.path = path
-    fam.preset = preset
+    fam.source, fam.path, fam.preset = spec, path, preset
     return fam
 
 
@@ -128,20 +144,13 @@ def load_family_without_weights(path: str | Path) -> VLMFamily:
 
     path = Path(path)
     fam_cls = detect_family(path)
-    quiet = logging.getLogger("transformers")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
-    try:
-        config = transformers.AutoConfig.from_pretrained(path)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-        image_processor = transformers.AutoImageProcessor.from_pretrained(path)
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"cannot read the config / tokenizer / image processor in {path}: {exc}",
-                             "convert the model again: the directory is incomplete") from None
-    finally:
-        quiet.setLevel(level)
-    pc_file = path / "processor_config.json"
-    processor_config = json.loads(pc_file.read_text()) if pc_file.is_file() else {}
+    fix = "convert the model again: the directory is incomplete"
+    with _quiet_transformers():
+        try:
+            config = transformers.AutoConfig.from_pretrained(path)
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"cannot read the config in {path}: {exc}", fix) from None
+        tokenizer, image_processor, processor_config = _load_processing(path, fix)
     fam = fam_cls(ConfigOnlyModel(config), tokenizer, image_processor, processor_config)
     fam.source, fam.path, fam.preset = str(path), path, None
     return fam
