@@ -141,3 +141,31 @@ def test_fp16_export_passes_the_fp16_gates_against_the_fp32_reference(family, tm
     dec = onnx.load(str(out / "decoder_model_merged.onnx"), load_external_data=False)
     embeds = next(i for i in dec.graph.input if i.name == "inputs_embeds")
     assert embeds.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+
+
+def test_batched_prompts_with_left_padding_match_the_reference(converted):
+    out, _ = converted("qwen2_vl")  # M-RoPE positions and dynamic image sizes make this the demanding case
+    runner = OrtVLM(out, device="cpu")
+    vlm = load(TINY_PRESETS["qwen2_vl"])
+    images = [[make_image(150, 120, seed=11)], [make_image(230, 110, seed=12), make_image(120, 120, seed=13)]]
+    inputs = runner.encode(images, ["A long question about the picture, please answer it?", "Compare them."])
+    assert inputs.attention_mask[0].sum() != inputs.attention_mask[1].sum()  # really padded
+    ref = generate(vlm, inputs, runner.config, max_new_tokens=8, stop_at_eos=False, keep_prefill_logits=True)
+    got = runner.generate(inputs, max_new_tokens=8, stop_at_eos=False, keep_prefill_logits=True)
+    assert got.tokens.tolist() == ref.tokens.tolist()
+    assert np.array_equal(got.plan.donor, ref.plan.donor) and len(got.plan.images) == 3
+    real = inputs.attention_mask.numpy().astype(bool)
+    diff = np.abs(got.prefill_logits - ref.prefill_logits)[real]
+    assert diff.max() / np.abs(ref.prefill_logits[real]).max() <= 1e-4
+
+
+def test_cuda_request_without_a_gpu_is_a_clear_error(converted, tmp_path):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("onnxruntime-gpu with CUDA is installed here; the missing-provider message cannot be provoked")
+    out, _ = converted("llava")
+    image = tmp_path / "i.png"
+    make_image().save(image)
+    res = run_cli("run", str(out), "--image", str(image), "--prompt", "hi", "--device", "cuda")
+    assert res.returncode == 2 and "CUDA execution provider is not available" in res.stderr and "fix:" in res.stderr
