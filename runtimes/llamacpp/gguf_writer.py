@@ -1,0 +1,104 @@
+"""Write a VLM's language decoder as a GGUF file with gguf-py (no llama.cpp converter, no tokenizer hash checks).
+
+The tokenizer travels beside the GGUF (the runner tokenizes with it and feeds ids), so the GGUF vocabulary only has
+to give llama.cpp the right size and special ids. Supported text architectures: Llama (LLaVA-1.5) and Qwen2
+(InternVL2); the rotary layout follows llama.cpp's: Llama's Q/K rows are permuted to its adjacent-pair rotation.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from scr_export.errors import SCRExportError
+
+# family -> (GGUF architecture, whether Q/K rows are permuted for llama.cpp's NORM rope)
+TEXT_ARCH = {"llava": ("llama", True), "internvl": ("qwen2", False)}
+
+
+def _permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """HF's half-split rotary layout -> llama.cpp's adjacent-pair layout (rows of one projection)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_text_gguf(family: Any, path: str | Path) -> dict[str, Any]:
+    """Write the decoder of ``family`` (float32) to ``path``; returns what the manifest should record."""
+    import gguf
+    import torch
+
+    if family.name not in TEXT_ARCH:
+        raise SCRExportError(f"the GGUF writer does not support the {family.display_name} text decoder yet",
+                             f"supported: {', '.join(TEXT_ARCH)}")
+    arch, permute = TEXT_ARCH[family.name]
+    tc = family.text_config
+    n_head = tc.num_attention_heads
+    n_kv = getattr(tc, "num_key_value_heads", None) or n_head
+    head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // n_head
+    lm = family.model.model.language_model if hasattr(family.model.model, "language_model") else family.model.model
+    state = {k: v.detach().to(torch.float32).cpu().numpy() for k, v in lm.state_dict().items()}
+    head = family.model.lm_head.weight.detach().to(torch.float32).cpu().numpy()
+
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_name(f"scr-export {family.display_name} decoder")
+    w.add_context_length(int(getattr(tc, "max_position_embeddings", 4096)))
+    w.add_embedding_length(tc.hidden_size)
+    w.add_block_count(tc.num_hidden_layers)
+    w.add_feed_forward_length(tc.intermediate_size)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_kv)
+    w.add_layer_norm_rms_eps(float(tc.rms_norm_eps))
+    w.add_rope_dimension_count(head_dim)
+    rope = getattr(tc, "rope_parameters", None) or {}
+    w.add_rope_freq_base(float(rope.get("rope_theta", getattr(tc, "rope_theta", 10000.0))))
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    tok = family.tokenizer
+    vocab = tc.vocab_size
+    tokens, types = [], []
+    for i in range(vocab):
+        t = tok.convert_ids_to_tokens(i)
+        tokens.append(t if t is not None else f"<unused{i}>")
+        types.append(gguf.TokenType.CONTROL if i in tok.all_special_ids else gguf.TokenType.NORMAL)
+    # An SPM-typed vocabulary needs no merges; llama.cpp only uses it for sizes and special ids here, since the
+    # runner tokenizes with the checkpoint's own tokenizer and feeds ids / embeddings.
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores([0.0] * vocab)
+    w.add_token_types(types)
+    if tok.bos_token_id is not None:
+        w.add_bos_token_id(tok.bos_token_id)
+    if tok.eos_token_id is not None:
+        w.add_eos_token_id(tok.eos_token_id)
+    if tok.pad_token_id is not None:
+        w.add_pad_token_id(tok.pad_token_id)
+    w.add_add_bos_token(False)
+
+    w.add_tensor("token_embd.weight", state["embed_tokens.weight"])
+    for i in range(tc.num_hidden_layers):
+        p = f"layers.{i}."
+        q, k = state[p + "self_attn.q_proj.weight"], state[p + "self_attn.k_proj.weight"]
+        if permute:
+            q, k = _permute_qk(q, n_head), _permute_qk(k, n_kv)
+        w.add_tensor(f"blk.{i}.attn_norm.weight", state[p + "input_layernorm.weight"])
+        w.add_tensor(f"blk.{i}.attn_q.weight", q)
+        w.add_tensor(f"blk.{i}.attn_k.weight", k)
+        w.add_tensor(f"blk.{i}.attn_v.weight", state[p + "self_attn.v_proj.weight"])
+        for name, gg in (("q", "attn_q"), ("k", "attn_k"), ("v", "attn_v")):
+            bias = state.get(p + f"self_attn.{name}_proj.bias")
+            if bias is not None:
+                if permute and name in "qk":
+                    bias = _permute_qk(bias, n_head if name == "q" else n_kv)
+                w.add_tensor(f"blk.{i}.{gg}.bias", bias)
+        w.add_tensor(f"blk.{i}.attn_output.weight", state[p + "self_attn.o_proj.weight"])
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", state[p + "post_attention_layernorm.weight"])
+        w.add_tensor(f"blk.{i}.ffn_gate.weight", state[p + "mlp.gate_proj.weight"])
+        w.add_tensor(f"blk.{i}.ffn_up.weight", state[p + "mlp.up_proj.weight"])
+        w.add_tensor(f"blk.{i}.ffn_down.weight", state[p + "mlp.down_proj.weight"])
+    w.add_tensor("output_norm.weight", state["norm.weight"])
+    w.add_tensor("output.weight", head)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return {"architecture": arch, "qk_permuted": permute, "vocab": vocab}
