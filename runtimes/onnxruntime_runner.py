@@ -76,10 +76,11 @@ class OrtVLM:
             except Exception as exc:  # ORT raises its own exception types for bad files
                 raise SCRExportError(f"ONNX Runtime cannot load {info['file']}: {str(exc).splitlines()[0]}",
                                      "the file is damaged or incomplete: convert the model again") from None
-        self.provider = self.sessions["decoder"].get_providers()[0]
+        self.provider = next(iter(self.sessions.values())).get_providers()[0]
         d = self.manifest["decoder"]
         self.num_layers, self.kv_heads, self.head_dim = d["num_layers"], d["kv_heads"], d["head_dim"]
-        self.float_type = np.float16 if self.manifest["precision"] == "fp16" else np.float32
+        # GGUF directories hold only the vision / embedding graphs here, always float32
+        self.float_type = np.float16 if self.manifest.get("precision") == "fp16" else np.float32
 
     # -- pieces -------------------------------------------------------------------------------------------------
     def encode(self, images: Sequence[Sequence[Any]], prompts: Sequence[str]) -> VLMInputs:

@@ -54,6 +54,10 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     for key in ("family", "graphs", "scr", "source"):
         if key not in data:
             raise ManifestError(f"{f} lacks the {key!r} entry", "convert the model again")
+    gguf = data.get("gguf")
+    if gguf and not (d / gguf["file"]).is_file():
+        raise ManifestError(f"{d} lacks {gguf['file']} (the GGUF model) named in its manifest",
+                            "the directory is incomplete: convert the model again")
     for name, info in data["graphs"].items():
         if not (d / info["file"]).is_file():
             raise ManifestError(f"{d} lacks {info['file']} ({name}) named in its manifest",

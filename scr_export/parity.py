@@ -17,6 +17,7 @@ GATES = {
     "fp16": {"cosine": 0.999, "norm_ratio": 0.01, "plan_jaccard": 0.9},
     "int8": {"cosine": 0.99, "norm_ratio": 0.05, "scr_effect_cosine": 0.95},
     "4bit": {"cosine": 0.97, "norm_ratio": 0.1, "scr_effect_cosine": 0.9},
+    "report": {},  # numbers only (a quantized model against the float model: random tiny models exaggerate it)
 }
 _MASKED = -65504.0  # Chameleon masks image-token logits with finfo(dtype).min: -3.4e38 (fp32), -65504 (fp16)
 
@@ -147,26 +148,11 @@ def default_inputs():
     return [[sample_image()]], ["What is in this picture? Describe the main object."]
 
 
-def validate_directory(directory: str | Path, *, family: Any = None, images=None, prompts=None, steps: int = 16,
-                       device: str = "auto") -> ParityReport:
-    """Compare the ONNX Runtime run of ``directory`` with the PyTorch reference of the manifest's checkpoint."""
-    from runtimes.onnxruntime_runner import OrtVLM
-
-    from .loading import load_vlm
-    from .manifest import checkpoint_hash
+def _compare_runs(runner: Any, family: Any, inputs: Any, cfg: Any, steps: int, precision: str,
+                 greedy_gate: bool = True) -> ParityReport:
+    """One candidate runtime against one PyTorch model (teacher-forced on the model's own greedy tokens)."""
     from .reference import generate
 
-    runner = OrtVLM(directory, device=device)
-    manifest = runner.manifest
-    if family is None:
-        family = load_vlm(manifest["source"]["model"])
-        if checkpoint_hash(family.path) != manifest["source"]["sha256"]:
-            raise SCRExportError(f"the checkpoint {manifest['source']['model']} changed since the conversion "
-                                 "(its hash differs from the manifest's)", "convert again from the current checkpoint")
-    if images is None:
-        images, prompts = default_inputs()
-    inputs = runner.encode(images, prompts)
-    cfg = runner.config
     ref_on = generate(family, inputs, cfg, max_new_tokens=steps, stop_at_eos=False, keep_prefill_logits=True)
     forced = ref_on.tokens.tolist()
     cand_on = runner.generate(inputs, config=cfg, forced_tokens=forced, keep_prefill_logits=True)
@@ -182,10 +168,49 @@ def validate_directory(directory: str | Path, *, family: Any = None, images=None
                  and np.array_equal(ref_plan.weight, cand_plan.weight))
     jac = [_jaccard(a.sources, b.sources) for a, b in zip(ref_plan.images, cand_plan.images)]
     effect = _cos(cand_on.prefill_logits - cand_off.prefill_logits, ref_on.prefill_logits - ref_off.prefill_logits)
-    return ParityReport(precision=manifest["precision"], provider=runner.provider, comparisons=comparisons,
+    return ParityReport(precision=precision, provider=runner.provider, comparisons=comparisons,
                         plan_identical=bool(identical), plan_jaccard=float(min(jac) if jac else 1.0),
                         scr_effect_cosine=effect, greedy_identical=bool(np.array_equal(cand_free.tokens, ref_on.tokens)),
                         ref_tokens=ref_on.tokens.tolist(), cand_tokens=cand_free.tokens.tolist())
+
+
+def validate_directory(directory: str | Path, *, family: Any = None, images=None, prompts=None, steps: int = 16,
+                       device: str = "auto"):
+    """Compare the deployed run of ``directory`` with the PyTorch reference of the manifest's checkpoint.
+
+    ONNX directories give one report. GGUF directories give ``{"float": ..., "dequantized": ...}``: against the
+    float model (what users see) and against the same decoder on the GGUF's dequantized weights (engine error only);
+    the precision's gates apply to the dequantized comparison, the float one is gated only for f32.
+    """
+    from .loading import load_vlm
+    from .manifest import checkpoint_hash, read_manifest
+
+    manifest = read_manifest(directory)
+    if family is None:
+        family = load_vlm(manifest["source"]["model"])
+        if checkpoint_hash(family.path) != manifest["source"]["sha256"]:
+            raise SCRExportError(f"the checkpoint {manifest['source']['model']} changed since the conversion "
+                                 "(its hash differs from the manifest's)", "convert again from the current checkpoint")
+    if images is None:
+        images, prompts = default_inputs()
+    if "gguf" in manifest:
+        from runtimes.llamacpp.quantize import dequantized_model
+        from runtimes.llamacpp.runner import LlamaCppVLM
+
+        runner = LlamaCppVLM(directory)
+        inputs = runner.encode(images, prompts)
+        cfg = runner.config
+        g = manifest["gguf"]
+        deq = dequantized_model(family, Path(directory) / g["file"], g["qk_permuted"])
+        precision = manifest["precision"]
+        return {"dequantized": _compare_runs(runner, deq, inputs, cfg, steps, precision),
+                "float": _compare_runs(runner, family, inputs, cfg, steps,
+                                       "fp32" if precision == "fp32" else "report")}
+    from runtimes.onnxruntime_runner import OrtVLM
+
+    runner = OrtVLM(directory, device=device)
+    inputs = runner.encode(images, prompts)
+    return _compare_runs(runner, family, inputs, runner.config, steps, manifest["precision"])
 
 
 def write_report(report: ParityReport, path: str | Path) -> None:

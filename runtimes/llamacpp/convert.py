@@ -1,0 +1,107 @@
+"""`scr-export convert --to gguf`: the decoder as GGUF (quantized by llama.cpp), images through our ONNX encoder."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from scr_export.errors import SCRExportError
+
+from .gguf_writer import TEXT_ARCH, write_text_gguf
+from .quantize import PRECISION_OF, QUANT_TYPES, quantize, tensor_types
+
+
+def convert_to_gguf(model: str, out: str | Path, *, quant: str = "q8_0", config_overrides: dict[str, Any] | None = None,
+                    force: bool = False, progress=print):
+    from scr_export.convert import GRAPH_FILES, _versions, sample_image
+    from scr_export.loading import load_vlm
+    from scr_export.manifest import checkpoint_hash, write_manifest
+    from scr_export.onnx_export.decoder import kv_shape
+    from scr_export.onnx_export.vision import export_embed_tokens, export_vision, vision_io
+    from scr_export.parity import validate_directory
+
+    from graph_passes.io import load_model, save_model
+
+    out = Path(out)
+    if quant not in QUANT_TYPES:
+        raise SCRExportError(f"--quant {quant} is not supported", f"use one of {', '.join(QUANT_TYPES)}")
+    if out.exists() and not force:
+        raise SCRExportError(f"{out} already exists", "choose another --out, or pass --force to replace it")
+    if not out.parent.exists():
+        raise SCRExportError(f"the directory {out.parent} does not exist", "create it or choose another --out")
+    t0 = time.perf_counter()
+    progress(f"[1/5] loading {model}")
+    fam = load_vlm(model)
+    if fam.name not in TEXT_ARCH:
+        raise SCRExportError(f"--to gguf does not support {fam.display_name} yet",
+                             f"supported families: {', '.join(TEXT_ARCH)}; use --to onnx for the others")
+    config = fam.scr_config(**(config_overrides or {}))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        raw = tmp / "raw"
+        raw.mkdir()
+        progress("[2/5] exporting the vision encoder and token embeddings (ONNX, run by ONNX Runtime)")
+        export_vision(fam, fam.process_images([sample_image()]), raw / GRAPH_FILES["vision"])
+        export_embed_tokens(fam, raw / GRAPH_FILES["embed_tokens"])
+        for key in ("vision", "embed_tokens"):
+            save_model(load_model(raw / GRAPH_FILES[key]), tmp / GRAPH_FILES[key])
+        progress(f"[3/5] writing the decoder as GGUF (f32) and quantizing to {quant} with llama.cpp")
+        f32 = raw / "model-f32.gguf"
+        info = write_text_gguf(fam, f32)
+        gguf_name = f"model-{quant}.gguf"
+        if quant == "f32":
+            shutil.copyfile(f32, tmp / gguf_name)
+        else:
+            quantize(f32, tmp / gguf_name, quant)
+        shutil.rmtree(raw)
+        fam.tokenizer.save_pretrained(tmp)
+        fam.image_processor.save_pretrained(tmp)
+        fam.config.save_pretrained(tmp)
+        if fam.processor_config:
+            (tmp / "processor_config.json").write_text(json.dumps(fam.processor_config, indent=2, sort_keys=True))
+        kv, head_dim = kv_shape(fam)
+        vis_in, vis_out = vision_io(fam)
+        manifest = {
+            "family": fam.name, "display_name": fam.display_name, "runtime": "llamacpp",
+            "source": {"model": model, "preset": fam.preset, "path": str(fam.path), "sha256": checkpoint_hash(fam.path)},
+            "versions": {**_versions(), "llama_cpp_python": _llama_version()}, "precision": PRECISION_OF[quant],
+            "scr": config.to_dict(),
+            "image_tokens": {"image_token_id": fam.image_token_id, "placeholder": fam.placeholder,
+                             "prompt_template": fam.prompt_template, "grid_rule": fam.grid_rule},
+            "images": "vision encoder exported to ONNX by scr-export, features fed to llama.cpp as embeddings",
+            "decoder": {"num_layers": fam.num_layers, "kv_heads": kv, "head_dim": head_dim,
+                        "hidden_size": fam.text_config.hidden_size, "mrope": fam.uses_mrope},
+            "gguf": {"file": gguf_name, "quant": quant, "architecture": info["architecture"],
+                     "qk_permuted": info["qk_permuted"], "tensor_types": tensor_types(tmp / gguf_name),
+                     "n_head": fam.text_config.num_attention_heads, "n_ctx": 4096,
+                     "kv_cache": "f32", "flash_attention": False},
+            "graphs": {"vision": {"file": GRAPH_FILES["vision"], "inputs": vis_in, "outputs": vis_out},
+                       "embed_tokens": {"file": GRAPH_FILES["embed_tokens"], "inputs": ["input_ids"],
+                                        "outputs": ["inputs_embeds"]}},
+            "parity": None,
+        }
+        write_manifest(tmp, manifest)
+        progress("[4/5] parity against the float PyTorch reference and the dequantized-weights reference")
+        reports = validate_directory(tmp, family=fam)
+        manifest["parity"] = {k: r.to_dict() for k, r in reports.items()}
+        write_manifest(tmp, manifest)
+        os.chmod(tmp, 0o755)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    progress(f"[5/5] wrote {out} in {time.perf_counter() - t0:.1f}s")
+    return out, reports
+
+
+def _llama_version() -> str:
+    import llama_cpp
+
+    return getattr(llama_cpp, "__version__", "unknown")

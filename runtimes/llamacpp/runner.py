@@ -1,0 +1,119 @@
+"""Run a GGUF directory: image + prompt -> (our ONNX vision encoder) -> llama.cpp diagnostic pass through the eval
+callback -> host plan -> llama.cpp prefill with SCR edits at ``l_out-L`` -> greedy decoding (no hooks)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from scr_export.config import SCRConfig
+from scr_export.diagnostic import query_mask
+from scr_export.errors import SCRExportError
+from scr_export.manifest import read_manifest
+from scr_export.plan import SequencePlan, plan_sequence
+from scr_export.processing import VLMInputs
+
+from ..onnxruntime_runner import OrtResult, OrtVLM
+from .context import LlamaContext
+from .scr_hooks import AttentionCollector, install_redistribution
+
+
+class LlamaCppVLM:
+    """A GGUF directory written by ``scr-export convert --to gguf``."""
+
+    def __init__(self, directory: str | Path, threads: int | None = None, gpu_layers: int = 0,
+                 gguf_file: str | None = None):
+        self.dir = Path(directory)
+        self.manifest = read_manifest(self.dir)
+        if "gguf" not in self.manifest:
+            raise SCRExportError(f"{self.dir} is not a GGUF directory (its manifest has no 'gguf' entry)",
+                                 "run it with `scr-export run` as an ONNX directory, or convert with --to gguf")
+        self.images = OrtVLM(self.dir, device="cpu")  # vision encoder + token embeddings (ONNX Runtime)
+        self.family = self.images.family
+        self.config = SCRConfig.from_dict(self.manifest["scr"])
+        g = self.manifest["gguf"]
+        self.n_head = int(g["n_head"])
+        self.llama = LlamaContext(self.dir / (gguf_file or g["file"]), n_ctx=int(g["n_ctx"]), threads=threads,
+                                  gpu_layers=gpu_layers)
+        self.provider = "llama.cpp " + ("CPU" if gpu_layers == 0 else f"GPU ({gpu_layers} layers offloaded)")
+
+    def encode(self, images: Sequence[Sequence[Any]], prompts: Sequence[str]) -> VLMInputs:
+        inputs = self.images.encode(images, prompts)
+        if inputs.shape[0] != 1:
+            raise SCRExportError("the llama.cpp runner takes one prompt at a time", "pass a single prompt")
+        return inputs
+
+    def attention_maps(self, inputs: VLMInputs, embeds: np.ndarray, config: SCRConfig):
+        cb = self.llama.callback
+        length = inputs.shape[1]
+        cb.handlers.clear()
+        collector = AttentionCollector(cb, config, length, self.n_head)
+        self.llama.reset()
+        cb.active = True
+        try:
+            self.llama.decode_embeddings(embeds[0], want_logits=False)
+        finally:
+            cb.active = False
+            cb.handlers.clear()
+        attn = collector.result()
+        ids, am = inputs.input_ids[0].numpy(), inputs.attention_mask[0].numpy()
+        spans = inputs.layouts[0]
+        row = []
+        for span in spans:
+            q = query_mask(ids, am, spans, span)
+            row.append(attn[q][:, span.start:span.end].mean(axis=0) if q.any() else None)
+        return [row]
+
+    def generate(self, inputs: VLMInputs, *, scr: bool = True, max_new_tokens: int = 32,
+                 plan: SequencePlan | None = None, config: SCRConfig | None = None,
+                 forced_tokens: Sequence[Sequence[int]] | None = None, keep_prefill_logits: bool = False,
+                 stop_at_eos: bool = True) -> OrtResult:
+        config = (config or self.config).clamped(self.family.num_layers)
+        fam = self.family
+        length = inputs.shape[1]
+        embeds = self.images.embed(inputs).astype(np.float32)
+        maps: list = []
+        if not scr:
+            plan = SequencePlan.identity(1, length)
+        elif plan is None:
+            maps = self.attention_maps(inputs, embeds, config)
+            plan = plan_sequence(inputs.layouts, maps, length, config)
+            plan.attention = maps
+        cb = self.llama.callback
+        cb.handlers.clear()
+        install_redistribution(cb, config, plan.donor[0], plan.scale[0], plan.weight[0])
+        self.llama.reset()
+        cb.active = not plan.is_identity  # no hook at all for an identity plan: bit-identical to plain llama.cpp
+        try:
+            logits = self.llama.decode_embeddings(embeds[0], want_logits=True)
+        finally:
+            cb.active = False
+            cb.handlers.clear()
+        prefill = logits[None].copy() if keep_prefill_logits else None
+        last = logits[-1].astype(np.float32)
+        eos = fam.tokenizer.eos_token_id
+        suppressed = fam.suppressed_token_ids()
+        steps = max_new_tokens if forced_tokens is None else len(forced_tokens[0])
+        tokens, out_logits = [], []
+        for step in range(steps):
+            out_logits.append(last[None])
+            if forced_tokens is not None:
+                nxt = int(forced_tokens[0][step])
+            else:
+                masked = last.copy()
+                masked[suppressed] = -np.inf
+                nxt = int(masked.argmax())
+            tokens.append(nxt)
+            if forced_tokens is None and stop_at_eos and nxt == eos:
+                break
+            if step == steps - 1:
+                break
+            last = self.llama.decode_token(nxt).astype(np.float32)
+        toks = np.asarray([tokens], np.int64)
+        pad = fam.tokenizer.pad_token_id
+        text = fam.tokenizer.decode([t for t in tokens if t not in (pad, eos)])
+        return OrtResult(tokens=toks, texts=[text], plan=plan, logits=out_logits, prefill_logits=prefill,
+                         attention=maps)
