@@ -220,7 +220,10 @@ class Convert(Command):
 
     def add_arguments(self, p):
         add_model_arg(p)
-        p.add_argument("--to", choices=["onnx", "trt"], required=True, help="target runtime")
+        p.add_argument("--to", choices=["onnx", "gguf", "trt"], required=True,
+                       help="target runtime: onnx (ONNX Runtime), gguf (llama.cpp), trt (TensorRT)")
+        p.add_argument("--quant", default="q8_0", metavar="TYPE",
+                       help="GGUF weight type: f32, f16, q8_0, q4_0, q4_k_m, ... (default q8_0; --to gguf only)")
         p.add_argument("--out", required=True, metavar="DIR", help="the directory to write (must not exist)")
         p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
         p.add_argument("--exporter", choices=["dynamo", "legacy"], default="dynamo",
@@ -241,14 +244,46 @@ class Convert(Command):
             raise SCRExportError("--to trt is not available yet: the TensorRT path is being built (issue 5)",
                                  "convert with --to onnx; TensorRT can build an engine from that ONNX graph "
                                  "(the SCR nodes carry their standard-op function body)")
+        if args.to == "gguf":
+            from runtimes.llamacpp.convert import convert_to_gguf
+
+            _, reports = convert_to_gguf(args.model, args.out, quant=args.quant.lower(),
+                                         config_overrides=_scr_overrides(args), force=args.force, progress=_log)
+            print(_tables(reports))
+            return 0 if _passed(reports) or args.no_fail_on_parity else 1
         _, report = convert_to_onnx(args.model, args.out, precision=args.precision, exporter=args.exporter,
                                     config_overrides=_scr_overrides(args), force=args.force, progress=_log)
         print(report.table())
         return 0 if report or args.no_fail_on_parity else 1
 
 
+def _tables(reports) -> str:
+    if isinstance(reports, dict):
+        titles = {"dequantized": "against the PyTorch decoder on the GGUF's dequantized weights (engine error; gated)",
+                  "float": "against the float PyTorch model (what users see; gated for f32 only)"}
+        return "\n\n".join(f"== {titles.get(k, k)}\n{r.table()}" for k, r in reports.items())
+    return reports.table()
+
+
+def _passed(reports) -> bool:
+    return all(bool(r) for r in reports.values()) if isinstance(reports, dict) else bool(reports)
+
+
+def _runner(directory: str, device: str):
+    from .manifest import read_manifest
+
+    manifest = read_manifest(directory)
+    if "gguf" in manifest:
+        from runtimes.llamacpp.runner import LlamaCppVLM
+
+        return LlamaCppVLM(directory)
+    from runtimes.onnxruntime_runner import OrtVLM
+
+    return OrtVLM(directory, device=device)
+
+
 class Run(Command):
-    """Run a converted directory with ONNX Runtime: image + prompt in, generated text out (SCR on unless --no-scr)."""
+    """Run a converted directory (ONNX Runtime or llama.cpp, as its manifest says): image + prompt in, text out."""
 
     name = "run"
 
@@ -265,15 +300,13 @@ class Run(Command):
         g.add_argument("--border", choices=["exclude", "include"])
 
     def run(self, args):
-        from runtimes.onnxruntime_runner import OrtVLM
-
         from .processing import load_image
 
         if args.max_new_tokens < 1:
             raise SCRExportError(f"--max-new-tokens {args.max_new_tokens} is not positive", "use N >= 1")
         images = [load_image(p) for p in args.image]
         t0 = time.perf_counter()
-        runner = OrtVLM(args.dir, device=args.device)
+        runner = _runner(args.dir, args.device)
         _log(f"loaded {args.dir} ({runner.manifest['display_name']}, {runner.manifest['precision']}) on "
              f"{runner.provider} in {time.perf_counter() - t0:.1f}s")
         config = runner.config.replace(**{k: v for k, v in _scr_overrides(args).items()})
@@ -317,13 +350,13 @@ class Validate(Command):
             raise SCRExportError(f"--steps {args.steps} is not positive", "use at least 1 (8 or more recommended)")
         images = [[load_image(p) for p in args.image]] if args.image else None
         prompts = [args.prompt] if images else None
-        _log("running ONNX Runtime and the PyTorch reference ...")
+        _log("running the deployed model and the PyTorch reference ...")
         report = validate_directory(args.dir, images=images, prompts=prompts, steps=args.steps, device=args.device)
         out = Path(args.json) if args.json else Path(args.dir) / "parity.json"
         write_report(report, out)
-        print(report.table())
+        print(_tables(report))
         _log(f"report written to {out}")
-        return 0 if report else 1
+        return 0 if _passed(report) else 1
 
 
 COMMANDS: list[Command] = [Inspect(), Generate(), Explain(), Convert(), Run(), Validate()]

@@ -213,5 +213,6 @@ def validate_directory(directory: str | Path, *, family: Any = None, images=None
     return _compare_runs(runner, family, inputs, runner.config, steps, manifest["precision"])
 
 
-def write_report(report: ParityReport, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(report.to_dict(), indent=2))
+def write_report(report, path: str | Path) -> None:
+    data = {k: r.to_dict() for k, r in report.items()} if isinstance(report, dict) else report.to_dict()
+    Path(path).write_text(json.dumps(data, indent=2))

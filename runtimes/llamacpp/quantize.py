@@ -22,6 +22,9 @@ PRECISION_OF = {"f32": "fp32", "f16": "fp16", "q8_0": "int8", "q6_k": "int8", "q
 def quantize(src: Path, dst: Path, quant: str, threads: int = 2) -> None:
     import llama_cpp
 
+    from .context import _silence_llama_logs
+
+    _silence_llama_logs()
     if quant not in QUANT_TYPES:
         raise SCRExportError(f"quantization {quant!r} is not supported", f"use one of {', '.join(QUANT_TYPES)}")
     params = llama_cpp.llama_model_quantize_default_params()
