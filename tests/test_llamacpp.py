@@ -1,0 +1,145 @@
+"""llama.cpp with SCR through the eval callback, against the PyTorch reference (float and dequantized weights)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed: pip install -e '.[llamacpp]'")
+pytest.importorskip("onnxruntime", reason="the ONNX extra is not installed: pip install -e '.[onnx]'")
+
+from conftest import TINY_PRESETS, load, make_image  # noqa: E402
+from runtimes.llamacpp.convert import convert_to_gguf  # noqa: E402
+from runtimes.llamacpp.eval_callback import DecodeCallbackError  # noqa: E402
+from runtimes.llamacpp.runner import LlamaCppVLM  # noqa: E402
+from runtimes.llamacpp.scr_hooks import MicroBatchError  # noqa: E402
+from scr_export.diagnostic import attention_maps  # noqa: E402
+from scr_export.reference import generate  # noqa: E402
+
+GGUF_FAMILIES = ["llava", "internvl"]
+_CONVERTED: dict = {}
+
+
+@pytest.fixture(scope="session")
+def gguf_dir(tmp_path_factory):
+    def get(family: str, quant: str):
+        key = (family, quant)
+        if key not in _CONVERTED:
+            out = tmp_path_factory.mktemp("gguf") / f"{family}-{quant}"
+            _CONVERTED[key] = convert_to_gguf(TINY_PRESETS[family], out, quant=quant, progress=lambda m: None)
+        return _CONVERTED[key]
+
+    return get
+
+
+@pytest.mark.parametrize("family", GGUF_FAMILIES)
+def test_f32_gguf_with_scr_matches_the_reference(family, gguf_dir):
+    out, reports = gguf_dir(family, "f32")
+    for name, report in reports.items():
+        assert report, f"{name}\n{report.table()}"
+        assert all(c.max_rel <= 1e-4 for c in report.comparisons)
+        assert report.plan_identical and report.greedy_identical
+    vlm = load(TINY_PRESETS[family])
+    runner = LlamaCppVLM(out)
+    inputs = runner.encode([[make_image(170, 140, seed=3)]], ["Where is the red block?"])
+    cfg = runner.config
+    got = runner.attention_maps(inputs, runner.images.embed(inputs).astype(np.float32), cfg)
+    want = attention_maps(vlm, inputs.tensors, inputs.layouts, cfg)
+    np.testing.assert_allclose(got[0][0], want[0][0], rtol=1e-4, atol=1e-7)  # the callback reads the same map
+    on = runner.generate(inputs, max_new_tokens=1, keep_prefill_logits=True)
+    off = runner.generate(inputs, scr=False, max_new_tokens=1, keep_prefill_logits=True)
+    assert not np.allclose(on.prefill_logits, off.prefill_logits), "the SCR hook must change the logits"
+
+
+def test_identity_and_observe_only_hooks_are_bit_identical_to_no_hook(gguf_dir):
+    out, _ = gguf_dir("llava", "f32")
+    runner = LlamaCppVLM(out)
+    inputs = runner.encode([[make_image()]], ["Describe."])
+    embeds = runner.images.embed(inputs).astype(np.float32)[0]
+    llama, cb = runner.llama, runner.llama.callback
+
+    def prefill():
+        llama.reset()
+        cb.active = True
+        try:
+            return llama.decode_embeddings(embeds)
+        finally:
+            cb.active = False
+
+    cb.handlers.clear()
+    plain = prefill()
+    seen = []
+    cb.handlers.update({f"l_out-{i}": (lambda n, rows: seen.append(n)) for i in range(4)})
+    observed = prefill()
+    assert len(seen) >= 3 and np.array_equal(observed, plain)
+    cb.handlers.clear()
+    from runtimes.llamacpp.scr_hooks import install_redistribution
+    from scr_export.reference import plan_for_inputs
+
+    vlm = load("tiny-llava")
+    cfg = runner.config.replace(lam=1.0)
+    plan = plan_for_inputs(vlm, inputs, cfg)
+    assert len(plan.images[0].sources) == cfg.k
+    install_redistribution(cb, cfg, plan.donor[0], plan.scale[0], plan.weight[0])
+    ident = prefill()
+    cb.handlers.clear()
+    assert np.array_equal(ident, plain)
+
+
+@pytest.mark.parametrize("quant", ["q8_0", "q4_0"])
+def test_quantized_gguf_passes_its_gates_against_the_dequantized_reference(quant, gguf_dir):
+    out, reports = gguf_dir("llava", quant)
+    deq, flt = reports["dequantized"], reports["float"]
+    assert deq.precision == {"q8_0": "int8", "q4_0": "4bit"}[quant]
+    assert deq, deq.table()
+    assert deq.scr_effect_cosine >= (0.95 if quant == "q8_0" else 0.9)
+    assert deq.plan_jaccard >= 0.9
+    # the float comparison is reported, and is further off than the dequantized one (weights quantized too)
+    assert flt.comparisons[0].max_abs >= deq.comparisons[0].max_abs > 1e-5
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["gguf"]["quant"] == quant and quant.upper() in manifest["gguf"]["tensor_types"]
+
+
+def test_a_failing_hook_raises_after_the_decode_instead_of_wrong_logits(gguf_dir):
+    out, _ = gguf_dir("llava", "f32")
+    runner = LlamaCppVLM(out)
+    inputs = runner.encode([[make_image()]], ["Describe."])
+    embeds = runner.images.embed(inputs).astype(np.float32)[0]
+    cb = runner.llama.callback
+
+    def broken(name, rows):
+        raise ValueError("boom")
+
+    cb.handlers["l_out-1"] = broken
+    runner.llama.reset()
+    cb.active = True
+    try:
+        with pytest.raises(DecodeCallbackError, match="boom"):
+            runner.llama.decode_embeddings(embeds)
+    finally:
+        cb.active = False
+        cb.handlers.clear()
+
+
+def test_an_image_split_across_micro_batches_is_a_clear_error(gguf_dir):
+    out, _ = gguf_dir("llava", "f32")
+    runner = LlamaCppVLM(out)
+    inputs = runner.encode([[make_image()]], ["Describe."])
+    plan = runner.generate(inputs, max_new_tokens=1).plan
+    from runtimes.llamacpp.scr_hooks import install_redistribution
+
+    cb = runner.llama.callback
+    embeds = runner.images.embed(inputs).astype(np.float32)[0]
+    install_redistribution(cb, runner.config, plan.donor[0], plan.scale[0], plan.weight[0])
+    runner.llama.reset()
+    cb.active = True
+    try:
+        with pytest.raises(DecodeCallbackError) as info:  # half the prompt: the hook sees fewer rows than planned
+            runner.llama.decode_embeddings(embeds[: embeds.shape[0] // 2])
+    finally:
+        cb.active = False
+        cb.handlers.clear()
+    assert isinstance(info.value.__cause__, MicroBatchError)
+    assert "one micro-batch" in str(info.value.__cause__)
