@@ -195,6 +195,7 @@ def validate_directory(directory: str | Path, *, family: Any = None, images=None
         images, prompts = default_inputs()
     if "gguf" in manifest:
         from runtimes.llamacpp.quantize import dequantized_model
+        from runtimes.llamacpp.quirks import apply_quirks
         from runtimes.llamacpp.runner import LlamaCppVLM
 
         runner = LlamaCppVLM(directory)
@@ -202,6 +203,7 @@ def validate_directory(directory: str | Path, *, family: Any = None, images=None
         cfg = runner.config
         g = manifest["gguf"]
         deq = dequantized_model(family, Path(directory) / g["file"], g["qk_permuted"])
+        apply_quirks(deq, g["architecture"])  # engine reference: what llama.cpp is known to compute
         precision = manifest["precision"]
         return {"dequantized": _compare_runs(runner, deq, inputs, cfg, steps, precision),
                 "float": _compare_runs(runner, family, inputs, cfg, steps,

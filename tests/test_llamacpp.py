@@ -18,7 +18,7 @@ from runtimes.llamacpp.scr_hooks import MicroBatchError  # noqa: E402
 from scr_export.diagnostic import attention_maps  # noqa: E402
 from scr_export.reference import generate  # noqa: E402
 
-GGUF_FAMILIES = ["llava", "internvl"]
+GGUF_FAMILIES = ["llava", "internvl", "qwen2_vl"]
 _CONVERTED: dict = {}
 
 
@@ -37,11 +37,26 @@ def gguf_dir(tmp_path_factory):
 @pytest.mark.parametrize("family", GGUF_FAMILIES)
 def test_f32_gguf_with_scr_matches_the_reference(family, gguf_dir):
     out, reports = gguf_dir(family, "f32")
-    for name, report in reports.items():
-        assert report, f"{name}\n{report.table()}"
-        assert all(c.max_rel <= 1e-4 for c in report.comparisons)
-        assert report.plan_identical and report.greedy_identical
+    engine, flt = reports["dequantized"], reports["float"]
+    assert engine, engine.table()
+    assert all(c.max_rel <= 1e-4 for c in engine.comparisons)
+    assert engine.plan_identical and engine.greedy_identical and flt.plan_identical
+    if family == "qwen2_vl":
+        # llama.cpp 0.3.36 runs Qwen2-VL's RMS norms with eps = 0 (upstream bug): the float model differs by more
+        # than the f32 gate, and the report says so instead of hiding it
+        assert not flt and all("max rel. error" in f for f in flt.failures)
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert "epsilon 0" in manifest["gguf"]["known_deviations"][0]
+    else:
+        assert flt, flt.table()
+        assert all(c.max_rel <= 1e-4 for c in flt.comparisons)
     vlm = load(TINY_PRESETS[family])
+    if family == "qwen2_vl":
+        from runtimes.llamacpp.quirks import apply_quirks
+        from runtimes.llamacpp.quantize import dequantized_model
+
+        vlm = dequantized_model(vlm, out / "model-f32.gguf", False)  # a copy, so the shared preset stays intact
+        apply_quirks(vlm, "qwen2vl")
     runner = LlamaCppVLM(out)
     inputs = runner.encode([[make_image(170, 140, seed=3)]], ["Where is the red block?"])
     cfg = runner.config
@@ -88,9 +103,9 @@ def test_identity_and_observe_only_hooks_are_bit_identical_to_no_hook(gguf_dir):
     assert np.array_equal(ident, plain)
 
 
-@pytest.mark.parametrize("quant", ["q8_0", "q4_0"])
-def test_quantized_gguf_passes_its_gates_against_the_dequantized_reference(quant, gguf_dir):
-    out, reports = gguf_dir("llava", quant)
+@pytest.mark.parametrize("family, quant", [("llava", "q8_0"), ("llava", "q4_0"), ("qwen2_vl", "q8_0")])
+def test_quantized_gguf_passes_its_gates_against_the_dequantized_reference(family, quant, gguf_dir):
+    out, reports = gguf_dir(family, quant)
     deq, flt = reports["dequantized"], reports["float"]
     assert deq.precision == {"q8_0": "int8", "q4_0": "4bit"}[quant]
     assert deq, deq.table()

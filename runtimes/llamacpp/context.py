@@ -70,14 +70,20 @@ class LlamaContext:
         if rc != 0:
             raise SCRExportError(f"llama_decode failed (rc={rc})", "the prompt may exceed the context size")
 
-    def decode_embeddings(self, embeds: np.ndarray, want_logits: bool = True) -> np.ndarray | None:
-        """Decode [n, n_embd] float rows at the next positions; returns [n, n_vocab] logits if asked."""
+    def decode_embeddings(self, embeds: np.ndarray, want_logits: bool = True,
+                          positions: np.ndarray | None = None) -> np.ndarray | None:
+        """Decode [n, n_embd] float rows; returns [n, n_vocab] logits if asked.
+
+        ``positions``: None for the next 1-D positions, or [sections, n] for M-RoPE models (t, h, w rows; llama.cpp
+        takes 4 sections, section-major, the 4th zero).
+        """
         n = embeds.shape[0]
         if self.n_past + n > self.n_ctx:
             raise SCRExportError(f"the prompt needs {self.n_past + n} positions but the context holds {self.n_ctx}",
                                  "raise n_ctx")
         lc = self.lc
-        batch = lc.llama_batch_init(n, self.n_embd, 1)
+        # M-RoPE takes 4 positions per row (section-major), so allocate the batch's arrays for 4n rows
+        batch = lc.llama_batch_init(n if positions is None else 4 * n, self.n_embd, 1)
         try:
             x = np.ascontiguousarray(embeds, dtype=np.float32)
             ctypes.memmove(batch.embd, x.ctypes.data, x.nbytes)
@@ -87,6 +93,10 @@ class LlamaContext:
                 batch.seq_id[i][0] = 0
                 batch.logits[i] = want_logits
             batch.n_tokens = n
+            if positions is not None:
+                mpos = np.zeros((4, n), np.int32)
+                mpos[: positions.shape[0]] = positions
+                ctypes.memmove(batch.pos, np.ascontiguousarray(mpos.reshape(-1)).ctypes.data, 4 * n * 4)
             self._decode(batch)
         finally:
             lc.llama_batch_free(batch)
@@ -96,12 +106,13 @@ class LlamaContext:
         ptr = lc.llama_get_logits(self.ctx)
         return np.ctypeslib.as_array(ptr, shape=(n * self.n_vocab,)).reshape(n, self.n_vocab).copy()
 
-    def decode_token(self, token: int) -> np.ndarray:
+    def decode_token(self, token: int, position: int | None = None) -> np.ndarray:
+        """Decode one token id at ``position`` (default: the next one); returns its logits."""
         lc = self.lc
         batch = lc.llama_batch_init(1, 0, 1)
         try:
             batch.token[0] = int(token)
-            batch.pos[0] = self.n_past
+            batch.pos[0] = self.n_past if position is None else int(position)
             batch.n_seq_id[0] = 1
             batch.seq_id[0][0] = 0
             batch.logits[0] = True

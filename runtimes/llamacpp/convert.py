@@ -14,6 +14,7 @@ from scr_export.errors import SCRExportError
 
 from .gguf_writer import TEXT_ARCH, write_text_gguf
 from .quantize import PRECISION_OF, QUANT_TYPES, quantize, tensor_types
+from .quirks import quirks_for
 
 
 def convert_to_gguf(model: str, out: str | Path, *, quant: str = "q8_0", config_overrides: dict[str, Any] | None = None,
@@ -53,6 +54,8 @@ def convert_to_gguf(model: str, out: str | Path, *, quant: str = "q8_0", config_
         progress(f"[3/5] writing the decoder as GGUF (f32) and quantizing to {quant} with llama.cpp")
         f32 = raw / "model-f32.gguf"
         info = write_text_gguf(fam, f32)
+        for quirk in quirks_for(info["architecture"]):
+            progress(f"      note: {quirk}; the float comparison will show it")
         gguf_name = f"model-{quant}.gguf"
         if quant == "f32":
             shutil.copyfile(f32, tmp / gguf_name)
@@ -79,7 +82,8 @@ def convert_to_gguf(model: str, out: str | Path, *, quant: str = "q8_0", config_
             "gguf": {"file": gguf_name, "quant": quant, "architecture": info["architecture"],
                      "qk_permuted": info["qk_permuted"], "tensor_types": tensor_types(tmp / gguf_name),
                      "n_head": fam.text_config.num_attention_heads, "n_ctx": 4096,
-                     "kv_cache": "f32", "flash_attention": False},
+                     "kv_cache": "f32", "flash_attention": False,
+                     "known_deviations": quirks_for(info["architecture"])},
             "graphs": {"vision": {"file": GRAPH_FILES["vision"], "inputs": vis_in, "outputs": vis_out},
                        "embed_tokens": {"file": GRAPH_FILES["embed_tokens"], "inputs": ["input_ids"],
                                         "outputs": ["inputs_embeds"]}},

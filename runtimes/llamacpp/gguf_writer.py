@@ -15,7 +15,7 @@ import numpy as np
 from scr_export.errors import SCRExportError
 
 # family -> (GGUF architecture, whether Q/K rows are permuted for llama.cpp's NORM rope)
-TEXT_ARCH = {"llava": ("llama", True), "internvl": ("qwen2", False)}
+TEXT_ARCH = {"llava": ("llama", True), "internvl": ("qwen2", False), "qwen2_vl": ("qwen2vl", False)}
 
 
 def _permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -52,6 +52,9 @@ def write_text_gguf(family: Any, path: str | Path) -> dict[str, Any]:
     w.add_rope_dimension_count(head_dim)
     rope = getattr(tc, "rope_parameters", None) or {}
     w.add_rope_freq_base(float(rope.get("rope_theta", getattr(tc, "rope_theta", 10000.0))))
+    if arch == "qwen2vl":  # M-RoPE sections (t, h, w) in rotary pairs, padded to llama.cpp's 4
+        sections = list(rope.get("mrope_section") or [])
+        w.add_rope_dimension_sections((sections + [0, 0, 0, 0])[:4])
     w.add_file_type(gguf.LlamaFileType.ALL_F32)
     tok = family.tokenizer
     vocab = tc.vocab_size

@@ -46,6 +46,20 @@ class LlamaCppVLM:
             raise SCRExportError("the llama.cpp runner takes one prompt at a time", "pass a single prompt")
         return inputs
 
+    def _positions(self, inputs: VLMInputs) -> np.ndarray | None:
+        """M-RoPE rows [3, T] for Qwen2-VL (the family's own rope index); None for 1-D positions 0..T-1."""
+        if not self.family.uses_mrope:
+            return None
+        return self.family.forward_inputs(inputs.tensors)["position_ids"][:, 0].numpy()
+
+    def _decode_position(self, inputs: VLMInputs, step: int) -> int | None:
+        if not self.family.uses_mrope:
+            return None
+        import torch
+
+        mask = torch.ones(1, inputs.shape[1] + step + 1, dtype=torch.long)
+        return int(self.family.decode_position_ids(inputs.tensors, mask)[0, 0, 0])
+
     def attention_maps(self, inputs: VLMInputs, embeds: np.ndarray, config: SCRConfig):
         cb = self.llama.callback
         length = inputs.shape[1]
@@ -54,7 +68,7 @@ class LlamaCppVLM:
         self.llama.reset()
         cb.active = True
         try:
-            self.llama.decode_embeddings(embeds[0], want_logits=False)
+            self.llama.decode_embeddings(embeds[0], want_logits=False, positions=self._positions(inputs))
         finally:
             cb.active = False
             cb.handlers.clear()
@@ -88,7 +102,7 @@ class LlamaCppVLM:
         self.llama.reset()
         cb.active = not plan.is_identity  # no hook at all for an identity plan: bit-identical to plain llama.cpp
         try:
-            logits = self.llama.decode_embeddings(embeds[0], want_logits=True)
+            logits = self.llama.decode_embeddings(embeds[0], want_logits=True, positions=self._positions(inputs))
         finally:
             cb.active = False
             cb.handlers.clear()
@@ -111,7 +125,7 @@ class LlamaCppVLM:
                 break
             if step == steps - 1:
                 break
-            last = self.llama.decode_token(nxt).astype(np.float32)
+            last = self.llama.decode_token(nxt, self._decode_position(inputs, step)).astype(np.float32)
         toks = np.asarray([tokens], np.int64)
         pad = fam.tokenizer.pad_token_id
         text = fam.tokenizer.decode([t for t in tokens if t not in (pad, eos)])
