@@ -26,7 +26,8 @@ def _silence_llama_logs() -> None:
 class LlamaContext:
     """One model, one context with an :class:`EvalCallback`; sequences up to ``n_ctx`` tokens, prefill in one ubatch."""
 
-    def __init__(self, gguf_path: str | Path, n_ctx: int = 2048, threads: int | None = None, gpu_layers: int = 0):
+    def __init__(self, gguf_path: str | Path, n_ctx: int = 2048, threads: int | None = None, gpu_layers: int = 0,
+                 with_callback: bool = True):
         try:
             import llama_cpp
         except ImportError:
@@ -47,8 +48,9 @@ class LlamaContext:
         cp.n_batch = cp.n_ubatch = n_ctx  # all image rows must be in one micro-batch for SCR
         cp.type_k = cp.type_v = 0  # GGML_TYPE_F32: the default F16 cache costs ~7e-3 on logits
         cp.flash_attn_type = 0  # off: flash attention has no kq_soft_max node for the diagnostic pass
-        cp.cb_eval = self.callback.cfunc
-        cp.cb_eval_user_data = None
+        if with_callback:  # without it: plain llama.cpp, for overhead measurements
+            cp.cb_eval = self.callback.cfunc
+            cp.cb_eval_user_data = None
         if threads:
             cp.n_threads = cp.n_threads_batch = threads
         self.ctx = lc.llama_init_from_model(self.model, cp)
