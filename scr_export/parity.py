@@ -148,16 +148,47 @@ def default_inputs():
     return [[sample_image()]], ["What is in this picture? Describe the main object."]
 
 
+def image_features_override(family: Any, features: np.ndarray):
+    """Context manager: the family's vision tower returns ``features`` (e.g. llama.cpp's mmproj output) instead of
+    its own, so a reference can be fed exactly the image embeddings the runtime used."""
+    import contextlib
+
+    import torch
+
+    @contextlib.contextmanager
+    def ctx():
+        visual = family.model.model.visual
+        value = torch.from_numpy(np.ascontiguousarray(features))
+
+        def hook(module, args, output):
+            output.pooler_output = value.to(output.pooler_output.dtype)
+            return output
+
+        handle = visual.register_forward_hook(hook)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    return ctx()
+
+
 def _compare_runs(runner: Any, family: Any, inputs: Any, cfg: Any, steps: int, precision: str,
-                 greedy_gate: bool = True) -> ParityReport:
+                  reference_context=None) -> ParityReport:
     """One candidate runtime against one PyTorch model (teacher-forced on the model's own greedy tokens)."""
+    import contextlib
+
     from .reference import generate
 
-    ref_on = generate(family, inputs, cfg, max_new_tokens=steps, stop_at_eos=False, keep_prefill_logits=True)
+    ctx = reference_context or contextlib.nullcontext
+    with ctx():
+        ref_on = generate(family, inputs, cfg, max_new_tokens=steps, stop_at_eos=False, keep_prefill_logits=True)
     forced = ref_on.tokens.tolist()
     cand_on = runner.generate(inputs, config=cfg, forced_tokens=forced, keep_prefill_logits=True)
     cand_free = runner.generate(inputs, config=cfg, max_new_tokens=steps, stop_at_eos=False)
-    ref_off = generate(family, inputs, cfg, scr=False, max_new_tokens=1, stop_at_eos=False, keep_prefill_logits=True)
+    with ctx():
+        ref_off = generate(family, inputs, cfg, scr=False, max_new_tokens=1, stop_at_eos=False,
+                           keep_prefill_logits=True)
     cand_off = runner.generate(inputs, config=cfg, scr=False, max_new_tokens=1, stop_at_eos=False,
                                keep_prefill_logits=True)
     comparisons = [Comparison.of("prefill logits (SCR)", cand_on.prefill_logits, ref_on.prefill_logits),
@@ -205,7 +236,11 @@ def validate_directory(directory: str | Path, *, family: Any = None, images=None
         deq = dequantized_model(family, Path(directory) / g["file"], g["qk_permuted"])
         apply_quirks(deq, g["architecture"])  # engine reference: what llama.cpp is known to compute
         precision = manifest["precision"]
-        return {"dequantized": _compare_runs(runner, deq, inputs, cfg, steps, precision),
+        same_images = None
+        if runner.mtmd is not None:  # engine error only: feed the reference llama.cpp's own image embeddings
+            features = runner.image_features(inputs)
+            same_images = lambda: image_features_override(deq, features)  # noqa: E731
+        return {"dequantized": _compare_runs(runner, deq, inputs, cfg, steps, precision, same_images),
                 "float": _compare_runs(runner, family, inputs, cfg, steps,
                                        "fp32" if precision == "fp32" else "report")}
     from runtimes.onnxruntime_runner import OrtVLM

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-PRESET_FORMAT = 3  # bump when a builder changes, so cached presets are rebuilt
+PRESET_FORMAT = 4  # bump when a builder changes, so cached presets are rebuilt
 SEED = 0
 
 
@@ -78,7 +78,8 @@ def build_tiny_qwen2_vl():
     cfg = T.Qwen2VLConfig(
         text_config=_text(tok, rms_norm_eps=1e-6,  # Qwen2-VL's own value
                           rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}),
-        vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, patch_size=14, spatial_merge_size=2,
+        # depth 3: llama.cpp's mmproj converter maps vision blocks by index and needs depth >= 3
+        vision_config=dict(depth=3, embed_dim=32, hidden_size=64, num_heads=2, patch_size=14, spatial_merge_size=2,
                            temporal_patch_size=2, in_channels=3, mlp_ratio=2),
         image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
         vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))

@@ -21,6 +21,7 @@ class VLMInputs:
     tensors: dict[str, Any]                # input_ids, attention_mask, pixel_values, family extras (torch)
     layouts: list[list[ImageSpan]]         # per batch row
     texts: list[str]                       # the expanded prompt text per row
+    images: list[list[Any]] | None = None  # the PIL images per row (runtimes with their own image path use them)
 
     @property
     def input_ids(self):
@@ -33,7 +34,7 @@ class VLMInputs:
     def to(self, device) -> "VLMInputs":
         """The same inputs with every tensor on ``device`` (floating point pixels keep their dtype)."""
         moved = {k: (v.to(device) if hasattr(v, "to") else v) for k, v in self.tensors.items()}
-        return VLMInputs(tensors=moved, layouts=self.layouts, texts=self.texts)
+        return VLMInputs(tensors=moved, layouts=self.layouts, texts=self.texts, images=self.images)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -89,4 +90,4 @@ def encode(family: VLMFamily, images: Sequence[Sequence[Any]], prompts: Sequence
                     for k, v in image_inputs.items() if isinstance(v, torch.Tensor)})
     extras = {k: v for k, v in image_inputs.items()}
     layouts = family.image_layout(tensors["input_ids"].numpy(), extras)
-    return VLMInputs(tensors=tensors, layouts=layouts, texts=texts)
+    return VLMInputs(tensors=tensors, layouts=layouts, texts=texts, images=[list(row) for row in images])

@@ -14,6 +14,12 @@ from .eval_callback import EvalCallback
 _LOG_CALLBACK = None  # a module-level reference: a collected log callback segfaults the process
 
 
+def _LOG_SINK():
+    """The one log callback object (module-level: a collected callback segfaults on the next log line)."""
+    _silence_llama_logs()
+    return _LOG_CALLBACK
+
+
 def _silence_llama_logs() -> None:
     global _LOG_CALLBACK
     import llama_cpp

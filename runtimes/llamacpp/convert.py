@@ -18,7 +18,9 @@ from .quirks import quirks_for
 
 
 def convert_to_gguf(model: str, out: str | Path, *, quant: str = "q8_0", config_overrides: dict[str, Any] | None = None,
-                    force: bool = False, progress=print):
+                    force: bool = False, images: str = "auto", progress=print):
+    """``images``: "mmproj" (llama.cpp's own projector via libmtmd), "onnx" (our exported vision encoder), or
+    "auto" (mmproj where llama.cpp supports the family, else onnx)."""
     from scr_export.convert import GRAPH_FILES, _versions, sample_image
     from scr_export.loading import load_vlm
     from scr_export.manifest import checkpoint_hash, write_manifest
@@ -42,14 +44,27 @@ def convert_to_gguf(model: str, out: str | Path, *, quant: str = "q8_0", config_
         raise SCRExportError(f"--to gguf does not support {fam.display_name} yet",
                              f"supported families: {', '.join(TEXT_ARCH)}; use --to onnx for the others")
     config = fam.scr_config(**(config_overrides or {}))
+    from .mmproj import MMPROJ_FAMILIES, write_mmproj
+
+    if images not in ("auto", "mmproj", "onnx"):
+        raise SCRExportError(f"--images {images} is unknown", "use auto, mmproj or onnx")
+    if images == "mmproj" and fam.name not in MMPROJ_FAMILIES:
+        raise SCRExportError(f"llama.cpp's mmproj path is not supported here for {fam.display_name}",
+                             f"use --images onnx (mmproj families: {', '.join(sorted(MMPROJ_FAMILIES))})")
+    use_mmproj = images == "mmproj" or (images == "auto" and fam.name in MMPROJ_FAMILIES)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
         raw = tmp / "raw"
         raw.mkdir()
-        progress("[2/5] exporting the vision encoder and token embeddings (ONNX, run by ONNX Runtime)")
-        export_vision(fam, fam.process_images([sample_image()]), raw / GRAPH_FILES["vision"])
+        graph_keys = ["embed_tokens"] if use_mmproj else ["vision", "embed_tokens"]
+        if use_mmproj:
+            progress("[2/5] writing llama.cpp's mmproj (its converter) and the token embeddings (ONNX)")
+            write_mmproj(fam.path, tmp / "mmproj-f32.gguf", progress)
+        else:
+            progress("[2/5] exporting the vision encoder and token embeddings (ONNX, run by ONNX Runtime)")
+            export_vision(fam, fam.process_images([sample_image()]), raw / GRAPH_FILES["vision"])
         export_embed_tokens(fam, raw / GRAPH_FILES["embed_tokens"])
-        for key in ("vision", "embed_tokens"):
+        for key in graph_keys:
             save_model(load_model(raw / GRAPH_FILES[key]), tmp / GRAPH_FILES[key])
         progress(f"[3/5] writing the decoder as GGUF (f32) and quantizing to {quant} with llama.cpp")
         f32 = raw / "model-f32.gguf"
@@ -76,19 +91,23 @@ def convert_to_gguf(model: str, out: str | Path, *, quant: str = "q8_0", config_
             "scr": config.to_dict(),
             "image_tokens": {"image_token_id": fam.image_token_id, "placeholder": fam.placeholder,
                              "prompt_template": fam.prompt_template, "grid_rule": fam.grid_rule},
-            "images": "vision encoder exported to ONNX by scr-export, features fed to llama.cpp as embeddings",
+            "images": ("llama.cpp mmproj through libmtmd (its own image preprocessing and projector)" if use_mmproj
+                       else "vision encoder exported to ONNX by scr-export, features fed to llama.cpp as embeddings"),
             "decoder": {"num_layers": fam.num_layers, "kv_heads": kv, "head_dim": head_dim,
                         "hidden_size": fam.text_config.hidden_size, "mrope": fam.uses_mrope},
             "gguf": {"file": gguf_name, "quant": quant, "architecture": info["architecture"],
                      "qk_permuted": info["qk_permuted"], "tensor_types": tensor_types(tmp / gguf_name),
                      "n_head": fam.text_config.num_attention_heads, "n_ctx": 4096,
                      "kv_cache": "f32", "flash_attention": False,
-                     "known_deviations": quirks_for(info["architecture"])},
+                     "known_deviations": quirks_for(info["architecture"]),
+                     "mmproj": "mmproj-f32.gguf" if use_mmproj else None},
             "graphs": {"vision": {"file": GRAPH_FILES["vision"], "inputs": vis_in, "outputs": vis_out},
                        "embed_tokens": {"file": GRAPH_FILES["embed_tokens"], "inputs": ["input_ids"],
                                         "outputs": ["inputs_embeds"]}},
             "parity": None,
         }
+        if use_mmproj:
+            del manifest["graphs"]["vision"]
         write_manifest(tmp, manifest)
         progress("[4/5] parity against the float PyTorch reference and the dequantized-weights reference")
         reports = validate_directory(tmp, family=fam)

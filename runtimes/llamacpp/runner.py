@@ -39,6 +39,36 @@ class LlamaCppVLM:
         self.llama = LlamaContext(self.dir / (gguf_file or g["file"]), n_ctx=int(g["n_ctx"]), threads=threads,
                                   gpu_layers=gpu_layers)
         self.provider = "llama.cpp " + ("CPU" if gpu_layers == 0 else f"GPU ({gpu_layers} layers offloaded)")
+        self.mtmd = None
+        if g.get("mmproj"):
+            from .mmproj import MtmdImages
+
+            self.mtmd = MtmdImages(self.dir / g["mmproj"], self.llama.model, threads=threads or 2)
+
+    def image_features(self, inputs: VLMInputs) -> np.ndarray:
+        """Image-token features in sequence order: libmtmd (mmproj) or the ONNX vision encoder."""
+        if self.mtmd is None:
+            raise SCRExportError("this directory has no mmproj", "image features come from the ONNX encoder")
+        feats = []
+        for spans, images in zip(inputs.layouts, inputs.images or []):
+            for span, image in zip(spans, images):
+                f, rows, cols = self.mtmd.embed(image, self.llama.n_embd)
+                grids = [(g.rows, g.cols) for g in span.grids]
+                if grids != [(rows, cols)]:
+                    raise SCRExportError(f"libmtmd made a {rows}x{cols} token grid where the processor made {grids}",
+                                         "the image was resized differently; pass an image whose sides are multiples "
+                                         "of 28 within the model's pixel limits, or convert with --images onnx")
+                feats.append(f)
+        return np.concatenate(feats, axis=0)
+
+    def embed(self, inputs: VLMInputs) -> np.ndarray:
+        if self.mtmd is None:
+            return self.images.embed(inputs).astype(np.float32)
+        ids = inputs.input_ids.numpy()
+        embeds = self.images._run("embed_tokens", {"input_ids": ids})[0].astype(np.float32)
+        mask = ids == self.family.image_token_id
+        embeds[mask] = self.image_features(inputs)
+        return embeds
 
     def encode(self, images: Sequence[Sequence[Any]], prompts: Sequence[str]) -> VLMInputs:
         inputs = self.images.encode(images, prompts)
@@ -88,7 +118,7 @@ class LlamaCppVLM:
         config = (config or self.config).clamped(self.family.num_layers)
         fam = self.family
         length = inputs.shape[1]
-        embeds = self.images.embed(inputs).astype(np.float32)
+        embeds = self.embed(inputs)
         maps: list = []
         if not scr:
             plan = SequencePlan.identity(1, length)
