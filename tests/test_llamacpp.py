@@ -58,10 +58,19 @@ def test_f32_gguf_with_scr_matches_the_reference(family, gguf_dir):
         vlm = dequantized_model(vlm, out / "model-f32.gguf", False)  # a copy, so the shared preset stays intact
         apply_quirks(vlm, "qwen2vl")
     runner = LlamaCppVLM(out)
-    inputs = runner.encode([[make_image(170, 140, seed=3)]], ["Where is the red block?"])
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert ("mmproj" in manifest["images"]) == (family == "qwen2_vl")  # llama.cpp's own projector where supported
+    inputs = runner.encode([[make_image(168, 140, seed=3)]], ["Where is the red block?"])
     cfg = runner.config
-    got = runner.attention_maps(inputs, runner.images.embed(inputs).astype(np.float32), cfg)
-    want = attention_maps(vlm, inputs.tensors, inputs.layouts, cfg)
+    got = runner.attention_maps(inputs, runner.embed(inputs), cfg)
+    import contextlib
+
+    from scr_export.parity import image_features_override
+
+    same_images = (image_features_override(vlm, runner.image_features(inputs)) if runner.mtmd is not None
+                   else contextlib.nullcontext())
+    with same_images:
+        want = attention_maps(vlm, inputs.tensors, inputs.layouts, cfg)
     np.testing.assert_allclose(got[0][0], want[0][0], rtol=1e-4, atol=1e-7)  # the callback reads the same map
     on = runner.generate(inputs, max_new_tokens=1, keep_prefill_logits=True)
     off = runner.generate(inputs, scr=False, max_new_tokens=1, keep_prefill_logits=True)
@@ -72,7 +81,7 @@ def test_identity_and_observe_only_hooks_are_bit_identical_to_no_hook(gguf_dir):
     out, _ = gguf_dir("llava", "f32")
     runner = LlamaCppVLM(out)
     inputs = runner.encode([[make_image()]], ["Describe."])
-    embeds = runner.images.embed(inputs).astype(np.float32)[0]
+    embeds = runner.embed(inputs)[0]
     llama, cb = runner.llama, runner.llama.callback
 
     def prefill():
@@ -121,7 +130,7 @@ def test_a_failing_hook_raises_after_the_decode_instead_of_wrong_logits(gguf_dir
     out, _ = gguf_dir("llava", "f32")
     runner = LlamaCppVLM(out)
     inputs = runner.encode([[make_image()]], ["Describe."])
-    embeds = runner.images.embed(inputs).astype(np.float32)[0]
+    embeds = runner.embed(inputs)[0]
     cb = runner.llama.callback
 
     def broken(name, rows):
@@ -146,7 +155,7 @@ def test_an_image_split_across_micro_batches_is_a_clear_error(gguf_dir):
     from runtimes.llamacpp.scr_hooks import install_redistribution
 
     cb = runner.llama.callback
-    embeds = runner.images.embed(inputs).astype(np.float32)[0]
+    embeds = runner.embed(inputs)[0]
     install_redistribution(cb, runner.config, plan.donor[0], plan.scale[0], plan.weight[0])
     runner.llama.reset()
     cb.active = True
