@@ -224,6 +224,9 @@ class Convert(Command):
                        help="target runtime: onnx (ONNX Runtime), gguf (llama.cpp), trt (TensorRT)")
         p.add_argument("--quant", default="q8_0", metavar="TYPE",
                        help="GGUF weight type: f32, f16, q8_0, q4_0, q4_k_m, ... (default q8_0; --to gguf only)")
+        p.add_argument("--images", choices=["auto", "mmproj", "onnx"], default="auto",
+                       help="--to gguf: llama.cpp's own projector (mmproj, Qwen2-VL) or our ONNX vision encoder; "
+                            "auto picks mmproj where llama.cpp supports the family")
         p.add_argument("--out", required=True, metavar="DIR", help="the directory to write (must not exist)")
         p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
         p.add_argument("--exporter", choices=["dynamo", "legacy"], default="dynamo",
@@ -247,7 +250,7 @@ class Convert(Command):
         if args.to == "gguf":
             from runtimes.llamacpp.convert import convert_to_gguf
 
-            _, reports = convert_to_gguf(args.model, args.out, quant=args.quant.lower(),
+            _, reports = convert_to_gguf(args.model, args.out, quant=args.quant.lower(), images=args.images,
                                          config_overrides=_scr_overrides(args), force=args.force, progress=_log)
             print(_tables(reports))
             return 0 if _passed(reports) or args.no_fail_on_parity else 1
