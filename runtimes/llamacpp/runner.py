@@ -50,8 +50,17 @@ class LlamaCppVLM:
         if self.mtmd is None:
             raise SCRExportError("this directory has no mmproj", "image features come from the ONNX encoder")
         feats = []
+        patch = self.family.config.vision_config.patch_size * self.family.config.vision_config.spatial_merge_size
         for spans, images in zip(inputs.layouts, inputs.images or []):
             for span, image in zip(spans, images):
+                # The mmproj carries no pixel limits of this checkpoint's processor, so give libmtmd the image at the
+                # size the processor resized it to (PIL bicubic, as the processor does); libmtmd then only normalises.
+                (grid_rows, grid_cols), = [(g.rows, g.cols) for g in span.grids]
+                size = (grid_cols * patch, grid_rows * patch)
+                if image.size != size:
+                    from PIL import Image
+
+                    image = image.convert("RGB").resize(size, Image.BICUBIC)
                 f, rows, cols = self.mtmd.embed(image, self.llama.n_embd)
                 grids = [(g.rows, g.cols) for g in span.grids]
                 if grids != [(rows, cols)]:
