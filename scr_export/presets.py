@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-PRESET_FORMAT = 4  # bump when a builder changes, so cached presets are rebuilt
+PRESET_FORMAT = 5  # bump when a builder changes, so cached presets are rebuilt
 SEED = 0
 
 
@@ -114,12 +114,13 @@ def build_tiny_chameleon():
 
     from .tokenizer import build_byte_tokenizer
 
-    n_codes = 64
+    # The real layout: 8192 VQ codes whose BPE ids are 4..8195 (llama.cpp's chameleon graph masks exactly that range)
+    n_codes = 8192
     letters = "ABCDEFGHIJ"
     code_tokens = ["IMGIMG" + "".join(letters[int(d)] for d in str(i)) + "Z" for i in range(n_codes)]
-    tok = build_byte_tokenizer(["<image>", "<racm3:break>", "<eoss>", *code_tokens],
+    tok = build_byte_tokenizer(["<image>", "<racm3:break>", "<eoss>"],
                                {"image_token": "<image>", "boi_token": "<racm3:break>", "eoi_token": "<eoss>"},
-                               sep_token="<reserved08706>")
+                               sep_token="<reserved08706>", leading_tokens=code_tokens)
     vocab = tok.get_vocab()
     vocabulary_map = {t: vocab[t] for t in ["<image>", *code_tokens]}
     cfg = T.ChameleonConfig(**_text(tok), vocabulary_map=vocabulary_map,

@@ -6,16 +6,24 @@ from collections.abc import Sequence
 
 
 def build_byte_tokenizer(special_tokens: Sequence[str], named_tokens: dict[str, str] | None = None,
-                         chat_template: str | None = None, sep_token: str | None = None):
+                         chat_template: str | None = None, sep_token: str | None = None,
+                         leading_tokens: Sequence[str] = ()):
     """A real ``PreTrainedTokenizerFast``: 256 byte tokens, then ``special_tokens`` in order.
 
     ``named_tokens`` become tokenizer attributes (``tokenizer.image_token`` ...), as the family processors expect.
+    ``leading_tokens`` (e.g. Chameleon's 8192 image-code tokens) get the ids right after <s> </s> <pad> <unk>,
+    as in the real vocabulary, and the bytes move behind them.
     """
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    backend = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
+    if leading_tokens:
+        order = ["<s>", "</s>", "<pad>", "<unk>", *leading_tokens, *alphabet]
+    else:
+        order = alphabet
+    backend = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(order)}, merges=[], unk_token="<unk>"
+                                   if leading_tokens else None))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     base = ["<s>", "</s>", "<pad>", "<unk>"] + ([sep_token] if sep_token else [])

@@ -18,7 +18,7 @@ from runtimes.llamacpp.scr_hooks import MicroBatchError  # noqa: E402
 from scr_export.diagnostic import attention_maps  # noqa: E402
 from scr_export.reference import generate  # noqa: E402
 
-GGUF_FAMILIES = ["llava", "internvl", "qwen2_vl"]
+GGUF_FAMILIES = ["llava", "internvl", "qwen2_vl", "chameleon"]
 _CONVERTED: dict = {}
 
 
@@ -50,6 +50,10 @@ def test_f32_gguf_with_scr_matches_the_reference(family, gguf_dir):
     else:
         assert flt, flt.table()
         assert all(c.max_rel <= 1e-4 for c in flt.comparisons)
+    if family == "chameleon":  # image-token logits masked on every row, as Chameleon's head does
+        on = LlamaCppVLM(out).generate(LlamaCppVLM(out).encode([[make_image()]], ["Hi"]), max_new_tokens=1,
+                                        keep_prefill_logits=True)
+        assert (on.prefill_logits[0][:, 4:8196] < -1e30).all()
     vlm = load(TINY_PRESETS[family])
     if family == "qwen2_vl":
         from runtimes.llamacpp.quirks import apply_quirks

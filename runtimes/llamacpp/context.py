@@ -99,7 +99,9 @@ class LlamaContext:
                 batch.pos[i] = self.n_past + i
                 batch.n_seq_id[i] = 1
                 batch.seq_id[i][0] = 0
-                batch.logits[i] = want_logits
+                # at least the last row always outputs: Chameleon's graph writes its image-token mask into the
+                # logits and asserts on an empty output
+                batch.logits[i] = want_logits or i == n - 1
             batch.n_tokens = n
             if positions is not None:
                 mpos = np.zeros((4, n), np.int32)

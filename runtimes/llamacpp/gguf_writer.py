@@ -15,7 +15,14 @@ import numpy as np
 from scr_export.errors import SCRExportError
 
 # family -> (GGUF architecture, whether Q/K rows are permuted for llama.cpp's NORM rope)
-TEXT_ARCH = {"llava": ("llama", True), "internvl": ("qwen2", False), "qwen2_vl": ("qwen2vl", False)}
+TEXT_ARCH = {"llava": ("llama", True), "internvl": ("qwen2", False), "qwen2_vl": ("qwen2vl", False),
+             "chameleon": ("chameleon", True)}
+
+
+def _permute_head_dims(w: np.ndarray) -> np.ndarray:
+    """Per-head vectors [..., head_dim] in the same within-head order as permuted Q/K rows (Chameleon's q/k norms)."""
+    hd = w.shape[-1]
+    return w.reshape(*w.shape[:-1], 2, hd // 2).swapaxes(-1, -2).reshape(w.shape)
 
 
 def _permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -52,6 +59,8 @@ def write_text_gguf(family: Any, path: str | Path) -> dict[str, Any]:
     w.add_rope_dimension_count(head_dim)
     rope = getattr(tc, "rope_parameters", None) or {}
     w.add_rope_freq_base(float(rope.get("rope_theta", getattr(tc, "rope_theta", 10000.0))))
+    if arch == "chameleon":
+        w.add_swin_norm(bool(getattr(tc, "swin_norm", False)))
     if arch == "qwen2vl":  # M-RoPE sections (t, h, w) in rotary pairs, padded to llama.cpp's 4
         sections = list(rope.get("mrope_section") or [])
         w.add_rope_dimension_sections((sections + [0, 0, 0, 0])[:4])
@@ -93,6 +102,13 @@ def write_text_gguf(family: Any, path: str | Path) -> dict[str, Any]:
                 if permute and name in "qk":
                     bias = _permute_qk(bias, n_head if name == "q" else n_kv)
                 w.add_tensor(f"blk.{i}.{gg}.bias", bias)
+        for norm, gg in (("q_norm", "attn_q_norm"), ("k_norm", "attn_k_norm")):  # Chameleon: per-head LayerNorms
+            for kind in ("weight", "bias"):
+                t = state.get(p + f"self_attn.{norm}.{kind}")
+                if t is not None:
+                    heads = n_head if norm == "q_norm" else n_kv
+                    t = np.broadcast_to(t, (heads, head_dim)) if t.ndim == 1 else t
+                    w.add_tensor(f"blk.{i}.{gg}.{kind}", np.ascontiguousarray(_permute_head_dims(t) if permute else t))
         w.add_tensor(f"blk.{i}.attn_output.weight", state[p + "self_attn.o_proj.weight"])
         w.add_tensor(f"blk.{i}.ffn_norm.weight", state[p + "post_attention_layernorm.weight"])
         w.add_tensor(f"blk.{i}.ffn_gate.weight", state[p + "mlp.gate_proj.weight"])

@@ -82,6 +82,14 @@ def dequantized_model(family: Any, gguf_path: Path, qk_permuted: bool) -> Any:
                    p + "mlp.gate_proj.weight": weights[b + "ffn_gate.weight"],
                    p + "mlp.up_proj.weight": weights[b + "ffn_up.weight"],
                    p + "mlp.down_proj.weight": weights[b + "ffn_down.weight"]})
+        for norm, gg in (("q_norm", "attn_q_norm"), ("k_norm", "attn_k_norm")):
+            for kind in ("weight", "bias"):
+                if b + f"{gg}.{kind}" in weights:
+                    t = weights[b + f"{gg}.{kind}"]
+                    if qk_permuted:  # undo the within-head order of the permuted Q/K rows
+                        hd = t.shape[-1]
+                        t = t.reshape(*t.shape[:-1], hd // 2, 2).swapaxes(-1, -2).reshape(t.shape)
+                    sd[p + f"self_attn.{norm}.{kind}"] = t
         for name, gg in (("q", "attn_q"), ("k", "attn_k"), ("v", "attn_v")):
             if b + f"{gg}.bias" in weights:
                 bias = weights[b + f"{gg}.bias"]
@@ -90,6 +98,7 @@ def dequantized_model(family: Any, gguf_path: Path, qk_permuted: bool) -> Any:
                 sd[p + f"self_attn.{name}_proj.bias"] = bias
     missing, unexpected = lm.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()},
                                              strict=False)
+    missing = [m for m in missing if not m.startswith("vqmodel.")]  # Chameleon's VQ tokenizer is not in the GGUF
     if unexpected or any(not m.endswith("rotary_emb.inv_freq") for m in missing):
         raise SCRExportError(f"the GGUF does not map onto the decoder (missing {missing}, unexpected {unexpected})",
                              "convert again")

@@ -18,6 +18,7 @@ from scr_export.processing import VLMInputs
 
 from ..onnxruntime_runner import OrtResult, OrtVLM
 from .context import LlamaContext
+from .quirks import fix_logits
 from .scr_hooks import AttentionCollector, install_redistribution
 
 
@@ -39,6 +40,11 @@ class LlamaCppVLM:
         self.llama = LlamaContext(self.dir / (gguf_file or g["file"]), n_ctx=int(g["n_ctx"]), threads=threads,
                                   gpu_layers=gpu_layers)
         self.provider = "llama.cpp " + ("CPU" if gpu_layers == 0 else f"GPU ({gpu_layers} layers offloaded)")
+        self.architecture = g["architecture"]
+        self.masked_ids = None
+        if self.architecture == "chameleon":
+            self.masked_ids = np.asarray(sorted(
+                int(v) for k, v in self.family.tokenizer.get_vocab().items() if k.startswith("IMGIMG")), np.int64)
         self.mtmd = None
         if g.get("mmproj"):
             from .mmproj import MtmdImages
@@ -142,6 +148,7 @@ class LlamaCppVLM:
         cb.active = not plan.is_identity  # no hook at all for an identity plan: bit-identical to plain llama.cpp
         try:
             logits = self.llama.decode_embeddings(embeds[0], want_logits=True, positions=self._positions(inputs))
+            fix_logits(self.architecture, logits, self.masked_ids)
         finally:
             cb.active = False
             cb.handlers.clear()
@@ -164,7 +171,8 @@ class LlamaCppVLM:
                 break
             if step == steps - 1:
                 break
-            last = self.llama.decode_token(nxt, self._decode_position(inputs, step)).astype(np.float32)
+            last = fix_logits(self.architecture, self.llama.decode_token(nxt, self._decode_position(inputs, step)),
+                              self.masked_ids).astype(np.float32)
         toks = np.asarray([tokens], np.int64)
         pad = fam.tokenizer.pad_token_id
         text = fam.tokenizer.decode([t for t in tokens if t not in (pad, eos)])
