@@ -47,6 +47,43 @@ def _versions() -> dict[str, str]:
             "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
 
 
+def write_processing_files(fam: Any, directory: Path) -> None:
+    """What a runtime needs to go from an image file and a prompt to inputs: config, tokenizer, image processor."""
+    import json
+
+    fam.tokenizer.save_pretrained(directory)
+    fam.image_processor.save_pretrained(directory)
+    fam.config.save_pretrained(directory)
+    if fam.processor_config:
+        (directory / "processor_config.json").write_text(json.dumps(fam.processor_config, indent=2, sort_keys=True))
+
+
+def manifest_common(fam: Any, model: str, config: Any) -> dict[str, Any]:
+    """The manifest entries every runtime's directory shares."""
+    from .onnx_export.decoder import kv_shape
+
+    kv, head_dim = kv_shape(fam)
+    return {
+        "family": fam.name, "display_name": fam.display_name,
+        "source": {"model": model, "preset": fam.preset, "path": str(fam.path), "sha256": checkpoint_hash(fam.path)},
+        "versions": _versions(), "scr": config.to_dict(),
+        "image_tokens": {"image_token_id": fam.image_token_id, "placeholder": fam.placeholder,
+                         "prompt_template": fam.prompt_template, "grid_rule": fam.grid_rule},
+        "decoder": {"num_layers": fam.num_layers, "kv_heads": kv, "head_dim": head_dim,
+                    "hidden_size": fam.text_config.hidden_size, "mrope": fam.uses_mrope},
+    }
+
+
+def host_graphs(fam: Any) -> dict[str, Any]:
+    """Manifest entries of the graphs that turn images and tokens into embeddings on the host."""
+    from .onnx_export.vision import vision_io
+
+    vis_in, vis_out = vision_io(fam)
+    return {"vision": {"file": GRAPH_FILES["vision"], "inputs": vis_in, "outputs": vis_out},
+            "embed_tokens": {"file": GRAPH_FILES["embed_tokens"], "inputs": ["input_ids"],
+                             "outputs": ["inputs_embeds"]}}
+
+
 def convert_to_onnx(model: str, out: str | Path, *, precision: str = "fp32", exporter: str = "dynamo",
                     config_overrides: dict[str, Any] | None = None, force: bool = False,
                     progress: Progress = _stderr):
@@ -58,8 +95,8 @@ def convert_to_onnx(model: str, out: str | Path, *, precision: str = "fp32", exp
     from graph_passes.io import load_model, save_model
 
     from .loading import load_vlm
-    from .onnx_export.decoder import export_decoder, io_names, kv_shape
-    from .onnx_export.vision import export_embed_tokens, export_vision, vision_io
+    from .onnx_export.decoder import export_decoder, io_names
+    from .onnx_export.vision import export_embed_tokens, export_vision
 
     out = Path(out)
     if precision not in ("fp32", "fp16"):
@@ -97,29 +134,12 @@ def convert_to_onnx(model: str, out: str | Path, *, precision: str = "fp32", exp
             save_model(load_model(raw / GRAPH_FILES[key]), tmp / GRAPH_FILES[key])
         del decoder, diagnostic
         shutil.rmtree(raw)
-        fam.tokenizer.save_pretrained(tmp)
-        fam.image_processor.save_pretrained(tmp)
-        fam.config.save_pretrained(tmp)
-        if fam.processor_config:
-            import json
-
-            (tmp / "processor_config.json").write_text(json.dumps(fam.processor_config, indent=2, sort_keys=True))
-        kv, head_dim = kv_shape(fam)
+        write_processing_files(fam, tmp)
         dec_in, dec_out = io_names(fam)
-        vis_in, vis_out = vision_io(fam)
         manifest = {
-            "family": fam.name, "display_name": fam.display_name,
-            "source": {"model": model, "preset": fam.preset, "path": str(fam.path), "sha256": checkpoint_hash(fam.path)},
-            "versions": _versions(), "precision": precision, "exporter": exporter,
-            "scr": config.to_dict(),
-            "image_tokens": {"image_token_id": fam.image_token_id, "placeholder": fam.placeholder,
-                             "prompt_template": fam.prompt_template, "grid_rule": fam.grid_rule},
-            "decoder": {"num_layers": fam.num_layers, "kv_heads": kv, "head_dim": head_dim,
-                        "hidden_size": fam.text_config.hidden_size, "mrope": fam.uses_mrope},
+            **manifest_common(fam, model, config), "precision": precision, "exporter": exporter,
             "graphs": {
-                "vision": {"file": GRAPH_FILES["vision"], "inputs": vis_in, "outputs": vis_out},
-                "embed_tokens": {"file": GRAPH_FILES["embed_tokens"], "inputs": ["input_ids"],
-                                 "outputs": ["inputs_embeds"]},
+                **host_graphs(fam),
                 "diagnostic": {"file": GRAPH_FILES["diagnostic"], "inputs": dec_in[:3] + ["scr_query_mask"],
                                "outputs": ["scr_attention"]},
                 "decoder": {"file": GRAPH_FILES["decoder"],

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -21,11 +20,10 @@ def convert_to_gguf(model: str, out: str | Path, *, quant: str = "q8_0", config_
                     force: bool = False, images: str = "auto", progress=print):
     """``images``: "mmproj" (llama.cpp's own projector via libmtmd), "onnx" (our exported vision encoder), or
     "auto" (mmproj where llama.cpp supports the family, else onnx)."""
-    from scr_export.convert import GRAPH_FILES, _versions, sample_image
+    from scr_export.convert import GRAPH_FILES, host_graphs, manifest_common, sample_image, write_processing_files
     from scr_export.loading import load_vlm
-    from scr_export.manifest import checkpoint_hash, write_manifest
-    from scr_export.onnx_export.decoder import kv_shape
-    from scr_export.onnx_export.vision import export_embed_tokens, export_vision, vision_io
+    from scr_export.manifest import write_manifest
+    from scr_export.onnx_export.vision import export_embed_tokens, export_vision
     from scr_export.parity import validate_directory
 
     from graph_passes.io import load_model, save_model
@@ -77,37 +75,23 @@ def convert_to_gguf(model: str, out: str | Path, *, quant: str = "q8_0", config_
         else:
             quantize(f32, tmp / gguf_name, quant)
         shutil.rmtree(raw)
-        fam.tokenizer.save_pretrained(tmp)
-        fam.image_processor.save_pretrained(tmp)
-        fam.config.save_pretrained(tmp)
-        if fam.processor_config:
-            (tmp / "processor_config.json").write_text(json.dumps(fam.processor_config, indent=2, sort_keys=True))
-        kv, head_dim = kv_shape(fam)
-        vis_in, vis_out = vision_io(fam)
+        write_processing_files(fam, tmp)
         manifest = {
-            "family": fam.name, "display_name": fam.display_name, "runtime": "llamacpp",
-            "source": {"model": model, "preset": fam.preset, "path": str(fam.path), "sha256": checkpoint_hash(fam.path)},
-            "versions": {**_versions(), "llama_cpp_python": _llama_version()}, "precision": PRECISION_OF[quant],
-            "scr": config.to_dict(),
-            "image_tokens": {"image_token_id": fam.image_token_id, "placeholder": fam.placeholder,
-                             "prompt_template": fam.prompt_template, "grid_rule": fam.grid_rule},
+            **manifest_common(fam, model, config), "runtime": "llamacpp", "precision": PRECISION_OF[quant],
             "images": ("llama.cpp mmproj through libmtmd (its own image preprocessing and projector)" if use_mmproj
                        else "vision encoder exported to ONNX by scr-export, features fed to llama.cpp as embeddings"),
-            "decoder": {"num_layers": fam.num_layers, "kv_heads": kv, "head_dim": head_dim,
-                        "hidden_size": fam.text_config.hidden_size, "mrope": fam.uses_mrope},
             "gguf": {"file": gguf_name, "quant": quant, "architecture": info["architecture"],
                      "qk_permuted": info["qk_permuted"], "tensor_types": tensor_types(tmp / gguf_name),
                      "n_head": fam.text_config.num_attention_heads, "n_ctx": 4096,
                      "kv_cache": "f32", "flash_attention": False,
                      "known_deviations": quirks_for(info["architecture"]),
                      "mmproj": "mmproj-f32.gguf" if use_mmproj else None},
-            "graphs": {"vision": {"file": GRAPH_FILES["vision"], "inputs": vis_in, "outputs": vis_out},
-                       "embed_tokens": {"file": GRAPH_FILES["embed_tokens"], "inputs": ["input_ids"],
-                                        "outputs": ["inputs_embeds"]}},
+            "graphs": host_graphs(fam),
             "parity": None,
         }
         if use_mmproj:
             del manifest["graphs"]["vision"]
+        manifest["versions"]["llama_cpp_python"] = _llama_version()
         write_manifest(tmp, manifest)
         progress("[4/5] parity against the float PyTorch reference and the dequantized-weights reference")
         reports = validate_directory(tmp, family=fam)
