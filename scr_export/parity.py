@@ -84,6 +84,9 @@ class ParityReport:
     greedy_identical: bool
     ref_tokens: list[list[int]]
     cand_tokens: list[list[int]]
+    # the SCR effect with the candidate run on the reference's plan: the engine's error alone, without the plan
+    # flips that near-tied attention credits cause (reported, not gated; equals scr_effect_cosine when plans agree)
+    scr_effect_cosine_same_plan: float | None = None
     failures: list[str] = dataclasses.field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -126,6 +129,9 @@ class ParityReport:
                         f"{c.top1:>7.3f} {c.kl:>10.3e}")
         rows.append(f"plan: identical={self.plan_identical}  source Jaccard={self.plan_jaccard:.3f}   "
                     f"SCR effect cosine={self.scr_effect_cosine:.6f}   greedy tokens identical={self.greedy_identical}")
+        if not self.plan_identical and self.scr_effect_cosine_same_plan is not None:
+            rows.append(f"SCR effect cosine with the reference's plan (engine error without plan flips, not gated)="
+                        f"{self.scr_effect_cosine_same_plan:.6f}")
         rows.append(f"precision {self.precision}, provider {self.provider}: "
                     + ("PASS" if self else "FAIL\n  " + "\n  ".join(self.failures)))
         return "\n".join(rows)
@@ -198,11 +204,18 @@ def _compare_runs(runner: Any, family: Any, inputs: Any, cfg: Any, steps: int, p
     identical = (np.array_equal(ref_plan.donor, cand_plan.donor) and np.array_equal(ref_plan.scale, cand_plan.scale)
                  and np.array_equal(ref_plan.weight, cand_plan.weight))
     jac = [_jaccard(a.sources, b.sources) for a, b in zip(ref_plan.images, cand_plan.images)]
-    effect = _cos(cand_on.prefill_logits - cand_off.prefill_logits, ref_on.prefill_logits - ref_off.prefill_logits)
+    ref_effect = ref_on.prefill_logits - ref_off.prefill_logits
+    effect = _cos(cand_on.prefill_logits - cand_off.prefill_logits, ref_effect)
+    same_plan = effect
+    if not identical:
+        cand_ref_plan = runner.generate(inputs, config=cfg, plan=ref_plan, max_new_tokens=1, stop_at_eos=False,
+                                        keep_prefill_logits=True)
+        same_plan = _cos(cand_ref_plan.prefill_logits - cand_off.prefill_logits, ref_effect)
     return ParityReport(precision=precision, provider=runner.provider, comparisons=comparisons,
                         plan_identical=bool(identical), plan_jaccard=float(min(jac) if jac else 1.0),
                         scr_effect_cosine=effect, greedy_identical=bool(np.array_equal(cand_free.tokens, ref_on.tokens)),
-                        ref_tokens=ref_on.tokens.tolist(), cand_tokens=cand_free.tokens.tolist())
+                        ref_tokens=ref_on.tokens.tolist(), cand_tokens=cand_free.tokens.tolist(),
+                        scr_effect_cosine_same_plan=same_plan)
 
 
 def validate_directory(directory: str | Path, *, family: Any = None, images=None, prompts=None, steps: int = 16,

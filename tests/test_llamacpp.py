@@ -124,10 +124,33 @@ def test_quantized_gguf_passes_its_gates_against_the_dequantized_reference(famil
     assert deq, deq.table()
     assert deq.scr_effect_cosine >= (0.95 if quant == "q8_0" else 0.9)
     assert deq.plan_jaccard >= 0.9
+    # with the reference's plan forced, the effect isolates the engine's error; it equals the end-to-end one when
+    # the plans agree and is what the end-to-end effect would be without plan flips otherwise
+    if deq.plan_identical:
+        assert deq.scr_effect_cosine_same_plan == deq.scr_effect_cosine
+    assert deq.scr_effect_cosine_same_plan >= (0.95 if quant == "q8_0" else 0.9)
     # the float comparison is reported, and is further off than the dequantized one (weights quantized too)
     assert flt.comparisons[0].max_abs >= deq.comparisons[0].max_abs > 1e-5
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["gguf"]["quant"] == quant and quant.upper() in manifest["gguf"]["tensor_types"]
+
+
+def test_truncate_forgets_the_last_position_so_it_can_be_decoded_again(gguf_dir):
+    out, _ = gguf_dir("llava", "f32")
+    runner = LlamaCppVLM(out)
+    inputs = runner.encode([[make_image()]], ["Describe."])
+    llama = runner.llama
+    llama.reset()
+    llama.decode_embeddings(runner.embed(inputs)[0], want_logits=False)
+    n = llama.n_past
+    first = llama.decode_token(5).copy()
+    other = llama.decode_token(7).copy()
+    llama.truncate(n)
+    assert llama.n_past == n
+    again = llama.decode_token(5)
+    assert np.array_equal(again, first) and not np.array_equal(other, first)
+    with pytest.raises(ValueError, match="outside"):
+        llama.truncate(n + 5)
 
 
 def test_a_failing_hook_raises_after_the_decode_instead_of_wrong_logits(gguf_dir):

@@ -72,6 +72,14 @@ class LlamaContext:
         self.lc.llama_memory_clear(self.lc.llama_get_memory(self.ctx), True)
         self.n_past = 0
 
+    def truncate(self, n_past: int) -> None:
+        """Forget every cached position >= n_past (llama.cpp requires consecutive positions per sequence)."""
+        if not 0 <= n_past <= self.n_past:
+            raise ValueError(f"truncate({n_past}) outside 0..{self.n_past}")
+        if not self.lc.llama_memory_seq_rm(self.lc.llama_get_memory(self.ctx), 0, n_past, -1):
+            raise SCRExportError("llama.cpp could not drop the cached positions", "call reset() and prefill again")
+        self.n_past = n_past
+
     def _decode(self, batch) -> None:
         rc = self.lc.llama_decode(self.ctx, batch)
         self.callback.check()  # a hook error beats the return code: the outputs are not to be trusted
