@@ -57,19 +57,35 @@ def scr_function(opset: int):
     return ir.Function(DOMAIN, OP_TYPE, graph=graph, attributes=[])
 
 
-def standalone_model(dtype: str = "float32", opset: int = 20):
-    """A model holding one SCRNeighbourInject node (for tests, kernels and benchmarks)."""
+def standalone_model(dtype: str = "float32", opset: int = 20, float32_io: bool = False):
+    """A model holding one SCRNeighbourInject node (for tests, kernels and benchmarks).
+
+    ``float32_io`` casts float32 graph inputs/outputs to and from ``dtype`` around the node (bfloat16 has no numpy
+    type for ONNX Runtime's Python feeds).
+    """
     import onnx_ir as ir
 
-    dt = {"float32": ir.DataType.FLOAT, "float16": ir.DataType.FLOAT16}[dtype]
-    hidden = ir.val("hidden", dt, ["B", "T", "D"])
+    dt = {"float32": ir.DataType.FLOAT, "float16": ir.DataType.FLOAT16, "bfloat16": ir.DataType.BFLOAT16}[dtype]
+    io = ir.DataType.FLOAT if float32_io else dt
+    hidden = ir.val("hidden", io, ["B", "T", "D"])
     donor = ir.val("donor", ir.DataType.INT64, ["B", "T"])
     scale = ir.val("scale", ir.DataType.FLOAT, ["B", "T"])
     weight = ir.val("weight", ir.DataType.FLOAT, ["B", "T"])
-    node = ir.node(OP_TYPE, [hidden, donor, scale, weight], domain=DOMAIN, name="scr_inject")
+    nodes = []
+    h = hidden
+    if float32_io:
+        nodes.append(ir.node("Cast", [hidden], attributes={"to": dt}, name="to_dtype"))
+        h = nodes[-1].outputs[0]
+        h.dtype, h.shape = dt, ir.Shape(["B", "T", "D"])
+    node = ir.node(OP_TYPE, [h, donor, scale, weight], domain=DOMAIN, name="scr_inject")
+    nodes.append(node)
     out = node.outputs[0]
-    out.name, out.dtype, out.shape = "hidden_out", dt, ir.Shape(["B", "T", "D"])
-    graph = ir.Graph([hidden, donor, scale, weight], [out], nodes=[node],
+    out.dtype, out.shape = dt, ir.Shape(["B", "T", "D"])
+    if float32_io:
+        nodes.append(ir.node("Cast", [out], attributes={"to": io}, name="to_float32"))
+        out = nodes[-1].outputs[0]
+    out.name, out.dtype, out.shape = "hidden_out", io, ir.Shape(["B", "T", "D"])
+    graph = ir.Graph([hidden, donor, scale, weight], [out], nodes=nodes,
                      opset_imports={"": opset, DOMAIN: DOMAIN_VERSION}, name="scr_inject")
     fn = scr_function(opset)
     return ir.Model(graph, ir_version=10, functions=[fn])

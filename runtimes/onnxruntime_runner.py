@@ -55,7 +55,8 @@ class OrtResult:
 class OrtVLM:
     """A converted directory, loaded into ONNX Runtime sessions."""
 
-    def __init__(self, directory: str | Path, device: str = "auto", threads: int | None = None):
+    def __init__(self, directory: str | Path, device: str = "auto", threads: int | None = None,
+                 scr_kernel: str | None = None):
         from scr_export.loading import load_family_without_weights
 
         import onnxruntime as ort
@@ -68,6 +69,10 @@ class OrtVLM:
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
+        from runtimes.kernels.ort_library import attach
+
+        # what runs the SCRNeighbourInject nodes: the custom-op library when built, else their ONNX function body
+        self.scr_kernel = attach(opts, self.providers, scr_kernel)
         self.sessions = {}
         for name, info in self.manifest["graphs"].items():
             try:
@@ -76,7 +81,8 @@ class OrtVLM:
             except Exception as exc:  # ORT raises its own exception types for bad files
                 raise SCRExportError(f"ONNX Runtime cannot load {info['file']}: {str(exc).splitlines()[0]}",
                                      "the file is damaged or incomplete: convert the model again") from None
-        self.provider = next(iter(self.sessions.values())).get_providers()[0]
+        ep = next(iter(self.sessions.values())).get_providers()[0]
+        self.provider = ep if "decoder" not in self.sessions else f"{ep}, SCR nodes: {self.scr_kernel}"
         d = self.manifest["decoder"]
         self.num_layers, self.kv_heads, self.head_dim = d["num_layers"], d["kv_heads"], d["head_dim"]
         # GGUF directories hold only the vision / embedding graphs here, always float32

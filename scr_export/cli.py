@@ -362,7 +362,43 @@ class Validate(Command):
         return 0 if _passed(report) else 1
 
 
-COMMANDS: list[Command] = [Inspect(), Generate(), Explain(), Convert(), Run(), Validate()]
+class BuildOps(Command):
+    """Build the SCRNeighbourInject kernels: the ONNX Runtime custom-op library (CPU; --cuda adds the CUDA kernel)
+    and, with --ptx, the PTX that TensorRT engines embed. The ONNX Runtime runner then loads the library by itself
+    (SCR_EXPORT_ORT_OPS=function turns it off); without it the SCR nodes run as their ONNX function body.
+    """
+
+    name = "build-ops"
+
+    def add_arguments(self, p):
+        p.add_argument("--cuda", action="store_true", help="also build the CUDA library (needs nvcc and libcudart)")
+        p.add_argument("--ptx", nargs="*", metavar="ARCH", help="write PTX for these compute capabilities "
+                       "(default with no value: 87 89 90) and report registers and spills per entry point")
+        p.add_argument("--force", action="store_true", help="rebuild even if a build for these sources exists")
+
+    def run(self, args):
+        from runtimes.kernels import build
+
+        t0 = time.perf_counter()
+        lib = build.build_cpu_library(_log, force=args.force)
+        print(f"cpu   {lib}")
+        if args.cuda:
+            print(f"cuda  {build.build_cuda_library(_log, force=args.force)}")
+        if args.ptx is not None:
+            for arch in args.ptx or build.PTX_ARCHS:
+                if not arch.isdigit():
+                    raise SCRExportError(f"--ptx {arch} is not a compute capability", "use digits, e.g. 87 for Orin")
+                ptx = build.build_ptx(arch)
+                report = build.ptxas_report(ptx, arch)
+                worst = max(r.get("spill_stores", 0) + r.get("spill_loads", 0) for r in report.values())
+                regs = max(r.get("registers", 0) for r in report.values())
+                print(f"ptx   {ptx}  (sm_{arch}: {len(report)} entry points, <= {regs} registers, "
+                      f"{worst} spill bytes)")
+        _log(f"done in {time.perf_counter() - t0:.1f}s")
+        return 0
+
+
+COMMANDS: list[Command] = [Inspect(), Generate(), Explain(), Convert(), Run(), Validate(), BuildOps()]
 
 
 def build_parser() -> argparse.ArgumentParser:
