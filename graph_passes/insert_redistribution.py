@@ -5,7 +5,7 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from .locate_layers import find_layer_outputs
-from .scr_op import DOMAIN, DOMAIN_VERSION, OP_TYPE, PLAN_INPUTS, scr_function
+from .scr_op import DOMAIN, DOMAIN_VERSION, OP_TYPE, PLAN_INPUTS, plugin_attributes, scr_function
 
 
 # onnx_ir re-raises what requires()/ensures() raise as its own error, with ours as the cause (our message).
@@ -54,7 +54,7 @@ class InsertRedistributionPass(ir.passes.InPlacePass):
         for i in self.layers:
             h = outputs[i].value
             node = ir.node(OP_TYPE, [h, donor, scale, weight], domain=DOMAIN, name=f"scr_inject_layer_{i}",
-                           metadata_props={"scr.layer": str(i)})
+                           attributes=plugin_attributes(), metadata_props={"scr.layer": str(i)})
             new = node.outputs[0]
             new.name = f"scr_hidden_{i}"
             if h.dtype is not None:  # legacy graphs carry no types on intermediate values

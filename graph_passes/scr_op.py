@@ -17,6 +17,13 @@ DOMAIN = "scr"            # no dots: TensorRT plugin namespaces reject them
 OP_TYPE = "SCRNeighbourInject"
 DOMAIN_VERSION = 1
 PLAN_INPUTS = ("scr_donor", "scr_scale", "scr_weight")
+# TensorRT's ONNX parser (>= 10.7) picks a registered plugin over the node's local function only when the node names
+# the plugin's namespace; older parsers (JetPack 6's 10.3) import the function body. ORT and onnx.checker ignore them.
+PLUGIN_VERSION = "1"
+
+
+def plugin_attributes() -> dict:
+    return {"plugin_namespace": DOMAIN, "plugin_version": PLUGIN_VERSION}
 
 
 def reference(hidden: np.ndarray, donor: np.ndarray, scale: np.ndarray, weight: np.ndarray) -> np.ndarray:
@@ -77,7 +84,7 @@ def standalone_model(dtype: str = "float32", opset: int = 20, float32_io: bool =
         nodes.append(ir.node("Cast", [hidden], attributes={"to": dt}, name="to_dtype"))
         h = nodes[-1].outputs[0]
         h.dtype, h.shape = dt, ir.Shape(["B", "T", "D"])
-    node = ir.node(OP_TYPE, [h, donor, scale, weight], domain=DOMAIN, name="scr_inject")
+    node = ir.node(OP_TYPE, [h, donor, scale, weight], domain=DOMAIN, name="scr_inject", attributes=plugin_attributes())
     nodes.append(node)
     out = node.outputs[0]
     out.dtype, out.shape = dt, ir.Shape(["B", "T", "D"])

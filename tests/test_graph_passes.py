@@ -143,6 +143,11 @@ def test_external_data_round_trip_keeps_ir_10(exported, tmp_path):
     proto = onnx.load(str(dst), load_external_data=False)
     assert proto.ir_version == 10
     assert any(f.name == "SCRNeighbourInject" and f.domain == "scr" for f in proto.functions)
+    scr_nodes = [n for n in proto.graph.node if n.op_type == "SCRNeighbourInject"]
+    assert len(scr_nodes) == 2
+    for n in scr_nodes:  # what TensorRT's parser needs to prefer the plugin over the function body
+        attrs = {a.name: a.s.decode() for a in n.attribute}
+        assert attrs == {"plugin_namespace": "scr", "plugin_version": "1"}
     ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"])
 
 
