@@ -57,14 +57,9 @@ class OrtVLM:
 
     def __init__(self, directory: str | Path, device: str = "auto", threads: int | None = None,
                  scr_kernel: str | None = None):
-        from scr_export.loading import load_family_without_weights
-
         import onnxruntime as ort
 
-        self.dir = Path(directory)
-        self.manifest = read_manifest(self.dir)
-        self.family = load_family_without_weights(self.dir)
-        self.config = SCRConfig.from_dict(self.manifest["scr"])
+        self._load_directory(directory)
         self.providers = pick_providers(device)
         opts = ort.SessionOptions()
         if threads:
@@ -83,6 +78,15 @@ class OrtVLM:
                                      "the file is damaged or incomplete: convert the model again") from None
         ep = next(iter(self.sessions.values())).get_providers()[0]
         self.provider = ep if "decoder" not in self.sessions else f"{ep}, SCR nodes: {self.scr_kernel}"
+
+    def _load_directory(self, directory: str | Path) -> None:
+        """Manifest, processing files and decoder geometry: what every runtime's runner shares."""
+        from scr_export.loading import load_family_without_weights
+
+        self.dir = Path(directory)
+        self.manifest = read_manifest(self.dir)
+        self.family = load_family_without_weights(self.dir)
+        self.config = SCRConfig.from_dict(self.manifest["scr"])
         d = self.manifest["decoder"]
         self.num_layers, self.kv_heads, self.head_dim = d["num_layers"], d["kv_heads"], d["head_dim"]
         # GGUF directories hold only the vision / embedding graphs here, always float32

@@ -228,7 +228,17 @@ class Convert(Command):
                        help="--to gguf: llama.cpp's own projector (mmproj, Qwen2-VL) or our ONNX vision encoder; "
                             "auto picks mmproj where llama.cpp supports the family")
         p.add_argument("--out", required=True, metavar="DIR", help="the directory to write (must not exist)")
-        p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
+        p.add_argument("--precision", choices=["fp32", "fp16"], default=None,
+                       help="graph precision (default fp32 for onnx, fp16 for trt: strongly typed engines take it)")
+        t = p.add_argument_group("--to trt: engine limits (optimisation profiles) and building")
+        t.add_argument("--max-batch", type=int, default=1, metavar="N", help="prompts per call (default 1)")
+        t.add_argument("--max-images", type=int, default=1, metavar="N", help="images per prompt (default 1)")
+        t.add_argument("--max-image-tokens", type=int, metavar="N",
+                       help="image tokens per image (default: the model's; Qwen2-VL: 1280, a 1024×1024 image)")
+        t.add_argument("--max-seq", type=int, metavar="N",
+                       help="prompt + generated tokens (default: the images plus 512, within the model's positions)")
+        t.add_argument("--build-engines", choices=["auto", "never", "always"], default="auto",
+                       help="auto: build where TensorRT and a GPU are present, else write build_engines.sh only")
         p.add_argument("--exporter", choices=["dynamo", "legacy"], default="dynamo",
                        help="torch.onnx exporter for the decoder (default dynamo)")
         p.add_argument("--force", action="store_true", help="replace DIR if it exists")
@@ -244,9 +254,20 @@ class Convert(Command):
         from .convert import convert_to_onnx
 
         if args.to == "trt":
-            raise SCRExportError("--to trt is not available yet: the TensorRT path is being built (issue 5)",
-                                 "convert with --to onnx; TensorRT can build an engine from that ONNX graph "
-                                 "(the SCR nodes carry their standard-op function body)")
+            from runtimes.tensorrt.convert import convert_to_trt
+            from runtimes.tensorrt.profiles import Limits
+
+            limits = Limits(max_batch=args.max_batch, max_images=args.max_images,
+                            max_image_tokens=args.max_image_tokens, max_seq=args.max_seq)
+            out, report, engines = convert_to_trt(args.model, args.out, precision=args.precision or "fp16",
+                                                  limits=limits, config_overrides=_scr_overrides(args),
+                                                  force=args.force, progress=_log, build=args.build_engines)
+            print(report.table())
+            if engines is None:
+                print(f"TensorRT engines: NOT built here; run {out / 'build_engines.sh'} on the target device")
+            else:
+                print("TensorRT engines: " + ", ".join(f"{g} ({i['scr_path']})" for g, i in engines["graphs"].items()))
+            return 0 if report or args.no_fail_on_parity else 1
         if args.to == "gguf":
             from runtimes.llamacpp.convert import convert_to_gguf
 
@@ -254,7 +275,7 @@ class Convert(Command):
                                          config_overrides=_scr_overrides(args), force=args.force, progress=_log)
             print(_tables(reports))
             return 0 if _passed(reports) or args.no_fail_on_parity else 1
-        _, report = convert_to_onnx(args.model, args.out, precision=args.precision, exporter=args.exporter,
+        _, report = convert_to_onnx(args.model, args.out, precision=args.precision or "fp32", exporter=args.exporter,
                                     config_overrides=_scr_overrides(args), force=args.force, progress=_log)
         print(report.table())
         return 0 if report or args.no_fail_on_parity else 1
@@ -272,11 +293,16 @@ def _passed(reports) -> bool:
     return all(bool(r) for r in reports.values()) if isinstance(reports, dict) else bool(reports)
 
 
-def _runner(directory: str, device: str):
-    from .manifest import read_manifest
+def _runner(directory: str, device: str, runtime: str = "auto"):
+    from .manifest import pick_runtime, read_manifest
 
     manifest = read_manifest(directory)
-    if "gguf" in manifest:
+    kind = pick_runtime(manifest, runtime)
+    if kind == "tensorrt":
+        from runtimes.tensorrt.runner import TrtVLM
+
+        return TrtVLM(directory)
+    if kind == "llamacpp":
         from runtimes.llamacpp.runner import LlamaCppVLM
 
         return LlamaCppVLM(directory)
@@ -297,6 +323,8 @@ class Run(Command):
         p.add_argument("--max-new-tokens", type=int, default=32, metavar="N")
         p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                        help="ONNX Runtime provider (auto: CUDA when onnxruntime-gpu sees a GPU)")
+        p.add_argument("--runtime", choices=["auto", "onnx", "tensorrt", "llamacpp"], default="auto",
+                       help="auto: as the directory was converted (TensorRT engines for --to trt)")
         g = p.add_argument_group("SCR plan (defaults: the manifest's)")
         g.add_argument("--k", type=int)
         g.add_argument("--lambda", dest="lam", type=float, metavar="λ")
@@ -309,7 +337,7 @@ class Run(Command):
             raise SCRExportError(f"--max-new-tokens {args.max_new_tokens} is not positive", "use N >= 1")
         images = [load_image(p) for p in args.image]
         t0 = time.perf_counter()
-        runner = _runner(args.dir, args.device)
+        runner = _runner(args.dir, args.device, args.runtime)
         _log(f"loaded {args.dir} ({runner.manifest['display_name']}, {runner.manifest['precision']}) on "
              f"{runner.provider} in {time.perf_counter() - t0:.1f}s")
         config = runner.config.replace(**{k: v for k, v in _scr_overrides(args).items()})
@@ -342,6 +370,8 @@ class Validate(Command):
         p.add_argument("--steps", type=int, default=16, help="teacher-forced decode steps (default 16)")
         p.add_argument("--json", metavar="FILE", help="write the report as JSON (default DIR/parity.json)")
         p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+        p.add_argument("--runtime", choices=["auto", "onnx", "tensorrt", "llamacpp"], default="auto",
+                       help="auto: as the directory was converted (TensorRT engines for --to trt)")
 
     def run(self, args):
         from .manifest import read_manifest
@@ -354,7 +384,8 @@ class Validate(Command):
         images = [[load_image(p) for p in args.image]] if args.image else None
         prompts = [args.prompt] if images else None
         _log("running the deployed model and the PyTorch reference ...")
-        report = validate_directory(args.dir, images=images, prompts=prompts, steps=args.steps, device=args.device)
+        report = validate_directory(args.dir, images=images, prompts=prompts, steps=args.steps, device=args.device,
+                                    runtime=args.runtime)
         out = Path(args.json) if args.json else Path(args.dir) / "parity.json"
         write_report(report, out)
         print(_tables(report))
@@ -398,7 +429,28 @@ class BuildOps(Command):
         return 0
 
 
-COMMANDS: list[Command] = [Inspect(), Generate(), Explain(), Convert(), Run(), Validate(), BuildOps()]
+class BuildEngines(Command):
+    """Build the TensorRT engines of a directory converted with --to trt, on this device (TensorRT and a GPU
+    needed): the SCR nodes become the ahead-of-time plugin on TensorRT >= 10.13, their ONNX function body on older
+    TensorRT. Records the engines, and which path each took, in the manifest. build_engines.sh calls this.
+    """
+
+    name = "build-engines"
+
+    def add_arguments(self, p):
+        p.add_argument("dir", metavar="DIR", help="a directory written by `scr-export convert --to trt`")
+
+    def run(self, args):
+        from runtimes.tensorrt.engines import build_engines
+
+        engines = build_engines(args.dir, _log)
+        for g, info in engines["graphs"].items():
+            print(f"{g:<13} {info['file']:<28} SCR: {info['scr_path']:<9} profiles: {info['profiles']}")
+        return 0
+
+
+COMMANDS: list[Command] = [Inspect(), Generate(), Explain(), Convert(), Run(), Validate(), BuildOps(),
+                           BuildEngines()]
 
 
 def build_parser() -> argparse.ArgumentParser:

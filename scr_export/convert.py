@@ -86,8 +86,12 @@ def host_graphs(fam: Any) -> dict[str, Any]:
 
 def convert_to_onnx(model: str, out: str | Path, *, precision: str = "fp32", exporter: str = "dynamo",
                     config_overrides: dict[str, Any] | None = None, force: bool = False,
-                    progress: Progress = _stderr):
-    """Write ``out`` with the four graphs, tokenizer / image processor files and manifest.json."""
+                    progress: Progress = _stderr, finalize: Callable[[Path, dict, Any], None] | None = None):
+    """Write ``out`` with the four graphs, tokenizer / image processor files and manifest.json.
+
+    ``finalize(staging_dir, manifest, family)`` may add files and manifest entries before the directory appears
+    (the TensorRT converter does); the manifest is written again after it.
+    """
     import torch
 
     from graph_passes.extract_diagnostic import ExtractDiagnosticPass
@@ -154,6 +158,8 @@ def convert_to_onnx(model: str, out: str | Path, *, precision: str = "fp32", exp
         # the oracle is the float32 PyTorch model, whatever the exported precision
         report = validate_directory(tmp, family=fam if precision == "fp32" else None)
         manifest["parity"] = report.to_dict()
+        if finalize is not None:
+            finalize(tmp, manifest, fam)
         write_manifest(tmp, manifest)
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the artefact is meant to be shared
         if out.exists():

@@ -63,3 +63,19 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
             raise ManifestError(f"{d} lacks {info['file']} ({name}) named in its manifest",
                                 "the directory is incomplete: convert the model again")
     return data
+
+
+def pick_runtime(manifest: dict, runtime: str = "auto") -> str:
+    """'llamacpp', 'tensorrt' or 'onnx' for a directory's manifest and the user's --runtime."""
+    if "gguf" in manifest:
+        if runtime not in ("auto", "llamacpp"):
+            raise SCRExportError(f"--runtime {runtime} cannot run a GGUF directory", "use --runtime auto")
+        return "llamacpp"
+    if runtime == "auto":
+        return "tensorrt" if "tensorrt" in manifest else "onnx"
+    if runtime == "tensorrt" and "tensorrt" not in manifest:
+        raise SCRExportError("this directory was converted for ONNX Runtime, not TensorRT",
+                             "convert with --to trt, or use --runtime onnx")
+    if runtime == "llamacpp":
+        raise SCRExportError("this directory holds ONNX graphs, not a GGUF model", "use --runtime onnx or tensorrt")
+    return runtime

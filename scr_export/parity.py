@@ -219,7 +219,7 @@ def _compare_runs(runner: Any, family: Any, inputs: Any, cfg: Any, steps: int, p
 
 
 def validate_directory(directory: str | Path, *, family: Any = None, images=None, prompts=None, steps: int = 16,
-                       device: str = "auto"):
+                       device: str = "auto", runtime: str = "auto"):
     """Compare the deployed run of ``directory`` with the PyTorch reference of the manifest's checkpoint.
 
     ONNX directories give one report. GGUF directories give ``{"float": ..., "dequantized": ...}``: against the
@@ -227,9 +227,10 @@ def validate_directory(directory: str | Path, *, family: Any = None, images=None
     the precision's gates apply to the dequantized comparison, the float one is gated only for f32.
     """
     from .loading import load_vlm
-    from .manifest import checkpoint_hash, read_manifest
+    from .manifest import checkpoint_hash, pick_runtime, read_manifest
 
     manifest = read_manifest(directory)
+    kind = pick_runtime(manifest, runtime)
     if family is None:
         family = load_vlm(manifest["source"]["model"])
         if checkpoint_hash(family.path) != manifest["source"]["sha256"]:
@@ -237,7 +238,7 @@ def validate_directory(directory: str | Path, *, family: Any = None, images=None
                                  "(its hash differs from the manifest's)", "convert again from the current checkpoint")
     if images is None:
         images, prompts = default_inputs()
-    if "gguf" in manifest:
+    if kind == "llamacpp":
         from runtimes.llamacpp.quantize import dequantized_model
         from runtimes.llamacpp.quirks import apply_quirks
         from runtimes.llamacpp.runner import LlamaCppVLM
@@ -256,9 +257,14 @@ def validate_directory(directory: str | Path, *, family: Any = None, images=None
         return {"dequantized": _compare_runs(runner, deq, inputs, cfg, steps, precision, same_images),
                 "float": _compare_runs(runner, family, inputs, cfg, steps,
                                        "fp32" if precision == "fp32" else "report")}
-    from runtimes.onnxruntime_runner import OrtVLM
+    if kind == "tensorrt":
+        from runtimes.tensorrt.runner import TrtVLM
 
-    runner = OrtVLM(directory, device=device)
+        runner = TrtVLM(directory)
+    else:
+        from runtimes.onnxruntime_runner import OrtVLM
+
+        runner = OrtVLM(directory, device=device)
     inputs = runner.encode(images, prompts)
     return _compare_runs(runner, family, inputs, runner.config, steps, manifest["precision"])
 

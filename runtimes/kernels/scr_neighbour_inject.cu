@@ -10,8 +10,8 @@
 // A donor outside [0, T) writes NaN to that row: an invalid plan shows up instead of reading foreign memory.
 //
 // One block per (b,t) row (grid.x = B*T), threads stride over the row in 16-byte vectors: coalesced 128-bit loads
-// and stores when D is a multiple of the vector width and the pointers are 16-byte aligned (the *_v entries),
-// element-wise otherwise.
+// and stores when D is a multiple of the vector width (the *_v entries; they fall back to element-wise access by
+// themselves if a buffer is not 16-byte aligned), element-wise otherwise.
 //
 // Entry points follow TensorRT's ahead-of-time plugin contract: input pointers, then int32 scalars, then outputs.
 
@@ -44,6 +44,10 @@ template <typename T, int VEC>
 __device__ __forceinline__ void inject_row(const T* __restrict__ h, const int64_t* __restrict__ donor,
                                            const float* __restrict__ scale, const float* __restrict__ weight,
                                            int seq, int dim, T* __restrict__ out) {
+  if (VEC > 1 && ((reinterpret_cast<uintptr_t>(h) | reinterpret_cast<uintptr_t>(out)) % 16 != 0)) {
+    inject_row<T, 1>(h, donor, scale, weight, seq, dim, out);  // misaligned buffers: element-wise, still correct
+    return;
+  }
   const int64_t row = blockIdx.x;  // b * seq + t
   const int64_t b = row / seq;
   const float s = scale[row];
