@@ -1,0 +1,282 @@
+"""The TensorRT path. Everywhere: the plugin's plain-Python rules, the PTX it embeds, the optimisation profiles
+(checked against every shape the shared runner feeds), build_engines.sh, and `convert --to trt` where TensorRT is
+missing. Where TensorRT imports and a GPU is visible (never in CI): engine build, plugin chosen, validate passing."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnxruntime", reason="the ONNX extra is not installed: pip install -e '.[onnx]'")
+
+from conftest import TINY_PRESETS, make_image  # noqa: E402
+from runtimes.kernels import build  # noqa: E402
+from runtimes.tensorrt import plugin_rules as rules  # noqa: E402
+from runtimes.tensorrt.build_script import shape_arg  # noqa: E402
+from runtimes.tensorrt.profiles import Limits, covers, merged, model_shape, resolve  # noqa: E402
+from scr_export.errors import SCRExportError  # noqa: E402
+
+_CONVERTED: dict = {}
+
+
+@pytest.fixture(scope="module")
+def trt_dir(tmp_path_factory):
+    def get(family: str, **limits):
+        key = (family, tuple(sorted(limits.items())))
+        if key not in _CONVERTED:
+            from runtimes.tensorrt.convert import convert_to_trt
+
+            out = tmp_path_factory.mktemp("trt") / family
+            _CONVERTED[key] = convert_to_trt(TINY_PRESETS[family], out, limits=Limits(**limits),
+                                             progress=lambda m: None, build="never")
+        return _CONVERTED[key]
+
+    return get
+
+
+# -- plugin rules ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("version, path", [("10.3.0.30", "function"), ("10.7.0", "function"), ("10.12.0", "function"),
+                                           ("10.13.0.35", "plugin"), ("10.16.1.11", "plugin"), ("11.4.0.106", "plugin")])
+def test_which_tensorrt_gets_the_plugin(version, path):
+    assert rules.scr_path_for(version) == path
+
+
+def test_tensorrt_9_is_refused_and_junk_versions_are_errors():
+    with pytest.raises(ValueError, match="older than 10.0"):
+        rules.scr_path_for("9.2.0")
+    with pytest.raises(ValueError, match="not a TensorRT version"):
+        rules.scr_path_for("latest")
+
+
+def test_type_combinations_pair_hidden_and_output_types():
+    combos = rules.type_combinations()
+    assert {c[0] for c in combos} == {"FP32", "FP16", "BF16"}
+    for hidden, donor, scale, weight, out in combos:
+        assert out == hidden and donor == "INT64" and scale == weight == "FP32"
+
+
+def test_shape_rule():
+    assert rules.output_shape((2, 7, 64), (2, 7), (2, 7), (2, 7)) == (2, 7, 64)
+    with pytest.raises(ValueError, match=r"hidden must be \[B, T, D\]"):
+        rules.output_shape((7, 64), (2, 7), (2, 7), (2, 7))
+    with pytest.raises(ValueError, match=r"scale must be \[B, T\]"):
+        rules.output_shape((2, 7, 64), (2, 7), (2, 7, 1), (2, 7))
+
+
+@pytest.mark.parametrize("dtype, dim, entry, block", [
+    ("float16", 4096, "scr_neighbour_inject_f16_v8", 256), ("bfloat16", 4096, "scr_neighbour_inject_bf16_v8", 256),
+    ("float32", 4096, "scr_neighbour_inject_f32_v4", 256), ("float32", 64, "scr_neighbour_inject_f32_v4", 32),
+    ("float16", 70, "scr_neighbour_inject_f16", 96), ("float32", None, "scr_neighbour_inject_f32", 256)])
+def test_aot_launch_parameters(dtype, dim, entry, block):
+    launch = rules.aot_launch(dtype, dim)
+    assert launch["entry"] == entry and launch["block_x"] == block and launch["extra_args"] == ("seq", "dim")
+    assert launch["block_x"] % 32 == 0 and launch["block_x"] <= 256
+
+
+def test_ptx_choice_picks_the_newest_arch_the_gpu_can_jit(tmp_path):
+    files = {a: tmp_path / rules.ptx_file_name(a) for a in ("87", "89", "90")}
+    assert rules.choose_ptx((8, 7), files)[0] == "87"   # Orin
+    assert rules.choose_ptx((8, 9), files)[0] == "89"   # Ada
+    assert rules.choose_ptx((9, 0), files)[0] == "90"   # Hopper
+    assert rules.choose_ptx((12, 0), files)[0] == "90"  # newer GPUs JIT the newest PTX
+    with pytest.raises(FileNotFoundError, match=r"build-ops --ptx 86"):
+        rules.choose_ptx((8, 6), files)
+
+
+@pytest.mark.skipif(not build.nvcc_available(), reason="nvcc (CUDA toolkit) is not installed here")
+def test_every_aot_entry_exists_in_the_ptx_with_the_aot_parameter_order(tmp_path):
+    text = build.build_ptx("87", out=tmp_path / "k.ptx").read_text()
+    entries = rules.ptx_entries(text)
+    for dtype in ("float32", "float16", "bfloat16"):
+        for dim in (None, 64, 70, 4096):
+            assert rules.aot_launch(dtype, dim)["entry"] in entries
+    # TensorRT's AOT contract: input pointers, then int32 scalars, then output pointers
+    for name in entries:
+        params = re.search(rf"\.entry {name}\((.*?)\)", text, re.S).group(1)
+        kinds = re.findall(r"\.param \.(\w+)", params)
+        assert kinds == ["u64"] * 4 + ["u32"] * 2 + ["u64"], (name, kinds)
+
+
+def test_plugin_loader_reads_the_ptx_of_a_converted_directory(trt_dir):
+    from runtimes.tensorrt.plugin import available_ptx
+
+    out, _, _ = trt_dir("llava")
+    manifest = json.loads((out / "manifest.json").read_text())
+    ptx = available_ptx(out / manifest["tensorrt"]["ptx_dir"])
+    if not build.nvcc_available():
+        assert ptx == {} and manifest["tensorrt"]["ptx"] == {}
+        pytest.skip("no nvcc here: the directory carries no PTX (regenerated on the target)")
+    assert sorted(ptx) == ["87", "89", "90"]
+    arch, path = rules.choose_ptx((8, 7), ptx)
+    assert "scr_neighbour_inject_f16_v8" in rules.ptx_entries(path.read_text())
+    for arch, info in manifest["tensorrt"]["ptx"].items():
+        assert all(e["spill_stores"] == 0 and e["spill_loads"] == 0 for e in info["entries"].values())
+
+
+# -- profiles ----------------------------------------------------------------------------------------------------
+
+def _fed_shapes(runner, inputs):
+    """Every (graph, {input: shape}) the shared runner feeds for a plan + greedy generation."""
+    seen = []
+    original = runner._run
+
+    def spy(name, feed, outputs=None):
+        wanted = {i.name for i in runner.sessions[name].get_inputs()}
+        seen.append((name, {k: tuple(v.shape) for k, v in feed.items() if k in wanted}))
+        return original(name, feed, outputs)
+
+    runner._run = spy
+    runner.generate(inputs, max_new_tokens=6, stop_at_eos=False)
+    return seen
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "internvl", "chameleon"])
+def test_profiles_cover_everything_the_runner_feeds(family, trt_dir):
+    from runtimes.onnxruntime_runner import OrtVLM
+
+    out, report, engines = trt_dir(family)
+    assert report and engines is None
+    manifest = json.loads((out / "manifest.json").read_text())
+    profiles = manifest["tensorrt"]["profiles"]
+    assert set(profiles) == {"vision", "embed_tokens", "diagnostic", "decoder"}
+    assert len(profiles["decoder"]) == 2  # prefill, decode
+    for graph, plist in profiles.items():
+        for p in plist:
+            for name, s in p.items():
+                assert all(lo <= o <= hi for lo, o, hi in zip(s["min"], s["opt"], s["max"])), (graph, name, s)
+    runner = OrtVLM(out, device="cpu")
+    inputs = runner.encode([[make_image()]], ["What is in the picture?"])
+    feeds = _fed_shapes(runner, inputs)
+    assert {g for g, _ in feeds} == set(profiles)
+    for graph, shapes in feeds:
+        assert any(covers(p, shapes) for p in profiles[graph]), (graph, shapes, profiles[graph])
+    # the decoder's prefill lands in profile 0 and every decode step in profile 1
+    dec = [s for g, s in feeds if g == "decoder"]
+    assert covers(profiles["decoder"][0], dec[0]) and not covers(profiles["decoder"][1], dec[0])
+    assert all(covers(profiles["decoder"][1], s) and not covers(profiles["decoder"][0], s) for s in dec[1:])
+
+
+def test_limits_size_the_profiles_and_bad_limits_are_clear_errors(trt_dir):
+    from scr_export.loading import load_vlm
+
+    shape = model_shape(load_vlm("tiny-llava"))
+    lim = resolve(Limits(max_batch=2, max_images=3), shape)
+    assert lim.max_seq >= 3 * shape.image_tokens + shape.text_tokens
+    with pytest.raises(SCRExportError, match="cannot hold"):
+        resolve(Limits(max_seq=32), shape)
+    with pytest.raises(SCRExportError, match="exceeds the model's"):
+        resolve(Limits(max_seq=10**6), shape)
+    with pytest.raises(SCRExportError, match="not positive"):
+        resolve(Limits(max_batch=0), shape)
+    out, _, _ = trt_dir("llava", max_batch=2, max_images=2, max_seq=300)
+    profiles = json.loads((out / "manifest.json").read_text())["tensorrt"]["profiles"]
+    assert profiles["decoder"][0]["inputs_embeds"]["max"][:2] == [2, 300]
+    assert profiles["decoder"][1]["past_key_values.0.key"]["max"][2] == 299
+    assert profiles["vision"][0]["pixel_values"]["max"][0] == 4  # 2 prompts × 2 images
+
+
+# -- build_engines.sh --------------------------------------------------------------------------------------------
+
+def test_build_script_is_valid_bash_with_the_profiles(trt_dir):
+    out, _, _ = trt_dir("qwen2_vl")
+    script = out / "build_engines.sh"
+    assert os.access(script, os.X_OK)
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    text = script.read_text()
+    manifest = json.loads((out / "manifest.json").read_text())
+    blocks = dict(re.findall(r'--onnx="\$DIR/([\w.]+)"(.*?)--skipInference', text, re.S))
+    for graph, plist in manifest["tensorrt"]["profiles"].items():
+        block = blocks[manifest["graphs"][graph]["file"]]
+        prof = merged(plist)
+        for key in ("min", "opt", "max"):
+            arg = re.search(rf"--{key}Shapes=(\S+)", block).group(1)
+            assert dict(x.split(":") for x in arg.split(",")) == dict(
+                x.split(":") for x in shape_arg(prof, key).split(","))
+    assert text.count("--stronglyTyped") == 4
+
+
+def test_build_script_reports_a_missing_trtexec_and_a_bad_mode(trt_dir):
+    out, _, _ = trt_dir("llava")
+    env = dict(os.environ, TRTEXEC="/nonexistent/trtexec")
+    r = subprocess.run([str(out / "build_engines.sh"), "trtexec"], capture_output=True, text=True, env=env)
+    assert r.returncode == 2 and "trtexec not found" in r.stderr
+    r = subprocess.run([str(out / "build_engines.sh"), "fast"], capture_output=True, text=True)
+    assert r.returncode == 2 and "usage" in r.stderr
+    assert not (out / "engines").exists()
+
+
+# -- convert / run / validate without TensorRT -------------------------------------------------------------------
+
+def _cli(*args):
+    return subprocess.run(["scr-export", *args], capture_output=True, text=True)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None,
+                    reason="TensorRT is installed here: the engines can be built")
+def test_without_tensorrt_convert_says_so_and_run_points_at_the_build_script(trt_dir, tmp_path):
+    out, _, _ = trt_dir("llava")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["tensorrt"]["engines"] is None and manifest["tensorrt"]["not_built_because"]
+    img = tmp_path / "img.png"
+    make_image().save(img)
+    r = _cli("run", str(out), "--image", str(img), "--prompt", "Describe.")
+    assert r.returncode == 2
+    assert "have not been built" in r.stderr and "build_engines.sh" in r.stderr
+    # the same directory runs in ONNX Runtime on request, with the same graphs
+    r = _cli("run", str(out), "--image", str(img), "--prompt", "Describe.", "--runtime", "onnx",
+             "--max-new-tokens", "3")
+    assert r.returncode == 0, r.stderr
+    r = _cli("convert", "tiny-llava", "--to", "trt", "--out", str(tmp_path / "x"), "--build-engines", "always")
+    assert r.returncode == 2 and "cannot build TensorRT engines here" in r.stderr
+    assert not (tmp_path / "x").exists()
+    r = _cli("convert", "tiny-llava", "--to", "trt", "--out", str(tmp_path / "y"), "--max-seq", "16")
+    assert r.returncode == 2 and "cannot hold" in r.stderr
+    assert not (tmp_path / "y").exists() and not list(tmp_path.glob(".y-*"))
+
+
+def test_runtime_choice_errors():
+    from scr_export.manifest import pick_runtime
+
+    assert pick_runtime({"tensorrt": {}}, "auto") == "tensorrt"
+    assert pick_runtime({"tensorrt": {}}, "onnx") == "onnx"
+    assert pick_runtime({}, "auto") == "onnx"
+    assert pick_runtime({"gguf": {}}, "auto") == "llamacpp"
+    with pytest.raises(SCRExportError, match="not TensorRT"):
+        pick_runtime({}, "tensorrt")
+    with pytest.raises(SCRExportError, match="GGUF"):
+        pick_runtime({"gguf": {}}, "tensorrt")
+
+
+# -- where TensorRT imports and a GPU is visible (skipped in CI) -------------------------------------------------
+
+def _tensorrt_gpu():
+    pytest.importorskip("tensorrt", reason="TensorRT is not installed (it cannot be installed on CI machines)")
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+
+
+@pytest.mark.gpu
+def test_engines_build_with_the_plugin_and_validate_passes(tmp_path):
+    _tensorrt_gpu()
+    import tensorrt as trt
+
+    from runtimes.tensorrt.convert import convert_to_trt
+    from scr_export.parity import validate_directory
+
+    out, report, engines = convert_to_trt("tiny-llava", tmp_path / "t", progress=print, build="always")
+    assert engines is not None
+    expected = rules.scr_path_for(trt.__version__)
+    assert engines["graphs"]["decoder"]["scr_path"] == expected
+    trt_report = validate_directory(out, runtime="tensorrt")
+    assert trt_report, trt_report.table()
+    assert np.isfinite(trt_report.scr_effect_cosine) and trt_report.plan_jaccard >= 0.9
