@@ -124,6 +124,12 @@ class Inspect(Command):
         return 0
 
 
+def _log_plan(plan) -> None:
+    for p in plan.images:
+        what = f"skipped: {p.skipped}" if p.skipped else f"sources {p.sources.tolist()}"
+        _log(f"image at {p.span.start}..{p.span.end - 1}: {what}")
+
+
 class Generate(Command):
     """Generate text with the PyTorch reference (greedy, KV cache), SCR on unless --no-scr."""
 
@@ -150,9 +156,7 @@ class Generate(Command):
         res = generate(fam, inputs, cfg, scr=not args.no_scr, max_new_tokens=args.max_new_tokens)
         dt = time.perf_counter() - t0
         if args.show_plan or not args.no_scr:
-            for p in res.plan.images:
-                what = f"skipped: {p.skipped}" if p.skipped else f"sources {p.sources.tolist()}"
-                _log(f"image at {p.span.start}..{p.span.end - 1}: {what}")
+            _log_plan(res.plan)
         _log(f"{'SCR ' + str(cfg.to_dict()) if not args.no_scr else 'no SCR'}; {res.tokens.shape[1]} tokens in {dt:.2f}s")
         print(res.texts[0])
         return 0
@@ -344,9 +348,7 @@ class Run(Command):
         inputs = runner.encode([images], [args.prompt])
         t0 = time.perf_counter()
         res = runner.generate(inputs, scr=not args.no_scr, max_new_tokens=args.max_new_tokens, config=config)
-        for p in res.plan.images:
-            what = f"skipped: {p.skipped}" if p.skipped else f"sources {p.sources.tolist()}"
-            _log(f"image at {p.span.start}..{p.span.end - 1}: {what}")
+        _log_plan(res.plan)
         _log(f"{'SCR ' + str(config.to_dict()) if not args.no_scr else 'no SCR'}; {res.tokens.shape[1]} tokens in "
              f"{time.perf_counter() - t0:.2f}s")
         print(res.texts[0])

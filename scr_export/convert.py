@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
@@ -84,6 +85,30 @@ def host_graphs(fam: Any) -> dict[str, Any]:
                              "outputs": ["inputs_embeds"]}}
 
 
+def check_out_dir(out: Path, force: bool) -> None:
+    """Refuse an existing ``out`` (unless ``force``) or a missing parent, before any work."""
+    if out.exists() and not force:
+        raise SCRExportError(f"{out} already exists", "choose another --out, or pass --force to replace it")
+    if not out.parent.exists():
+        raise SCRExportError(f"the directory {out.parent} does not exist", "create it or choose another --out")
+
+
+@contextlib.contextmanager
+def staged_directory(out: Path):
+    """A private directory beside ``out`` to write into; on success it replaces ``out`` in one rename, on any error
+    (Ctrl-C included) it is removed, so ``out`` is either complete or untouched."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the artefact is meant to be shared
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def convert_to_onnx(model: str, out: str | Path, *, precision: str = "fp32", exporter: str = "dynamo",
                     config_overrides: dict[str, Any] | None = None, force: bool = False,
                     progress: Progress = _stderr, finalize: Callable[[Path, dict, Any], None] | None = None):
@@ -107,16 +132,12 @@ def convert_to_onnx(model: str, out: str | Path, *, precision: str = "fp32", exp
         raise SCRExportError(f"precision {precision!r} is not supported for ONNX", "use --precision fp32 or fp16")
     if exporter not in ("dynamo", "legacy"):
         raise SCRExportError(f"exporter {exporter!r} is unknown", "use --exporter dynamo (default) or legacy")
-    if out.exists() and not force:
-        raise SCRExportError(f"{out} already exists", "choose another --out, or pass --force to replace it")
-    if not out.parent.exists():
-        raise SCRExportError(f"the directory {out.parent} does not exist", "create it or choose another --out")
+    check_out_dir(out, force)
     t0 = time.perf_counter()
     progress(f"[1/6] loading {model} ({precision})")
     fam = load_vlm(model, dtype="float16" if precision == "fp16" else "float32")
     config = fam.scr_config(**(config_overrides or {}))
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    with staged_directory(out) as tmp:
         image_inputs = fam.process_images([sample_image()])
         raw = tmp / "raw"
         raw.mkdir()
@@ -161,12 +182,5 @@ def convert_to_onnx(model: str, out: str | Path, *, precision: str = "fp32", exp
         if finalize is not None:
             finalize(tmp, manifest, fam)
         write_manifest(tmp, manifest)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the artefact is meant to be shared
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     progress(f"wrote {out} in {time.perf_counter() - t0:.1f}s")
     return out, report

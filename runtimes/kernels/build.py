@@ -12,6 +12,7 @@ downloaded once and checked against its sha256. Headers of API 21 give a library
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import os
@@ -71,7 +72,8 @@ def nvcc_available() -> bool:
         return False
 
 
-def _version(tool: str) -> str:
+@functools.lru_cache(maxsize=None)
+def _version(tool: str) -> str:  # asked on every runner start (find_library): once per process is enough
     out = subprocess.run([tool, "--version"], capture_output=True, text=True).stdout
     return out.strip().splitlines()[-1] if out.strip() else tool
 

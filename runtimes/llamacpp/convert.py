@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -20,7 +18,8 @@ def convert_to_gguf(model: str, out: str | Path, *, quant: str = "q8_0", config_
                     force: bool = False, images: str = "auto", progress=print):
     """``images``: "mmproj" (llama.cpp's own projector via libmtmd), "onnx" (our exported vision encoder), or
     "auto" (mmproj where llama.cpp supports the family, else onnx)."""
-    from scr_export.convert import GRAPH_FILES, host_graphs, manifest_common, sample_image, write_processing_files
+    from scr_export.convert import (GRAPH_FILES, check_out_dir, host_graphs, manifest_common, sample_image,
+                                    staged_directory, write_processing_files)
     from scr_export.loading import load_vlm
     from scr_export.manifest import write_manifest
     from scr_export.onnx_export.vision import export_embed_tokens, export_vision
@@ -31,10 +30,7 @@ def convert_to_gguf(model: str, out: str | Path, *, quant: str = "q8_0", config_
     out = Path(out)
     if quant not in QUANT_TYPES:
         raise SCRExportError(f"--quant {quant} is not supported", f"use one of {', '.join(QUANT_TYPES)}")
-    if out.exists() and not force:
-        raise SCRExportError(f"{out} already exists", "choose another --out, or pass --force to replace it")
-    if not out.parent.exists():
-        raise SCRExportError(f"the directory {out.parent} does not exist", "create it or choose another --out")
+    check_out_dir(out, force)
     t0 = time.perf_counter()
     progress(f"[1/5] loading {model}")
     fam = load_vlm(model)
@@ -50,8 +46,7 @@ def convert_to_gguf(model: str, out: str | Path, *, quant: str = "q8_0", config_
         raise SCRExportError(f"llama.cpp's mmproj path is not supported here for {fam.display_name}",
                              f"use --images onnx (mmproj families: {', '.join(sorted(MMPROJ_FAMILIES))})")
     use_mmproj = images == "mmproj" or (images == "auto" and fam.name in MMPROJ_FAMILIES)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    with staged_directory(out) as tmp:
         raw = tmp / "raw"
         raw.mkdir()
         graph_keys = ["embed_tokens"] if use_mmproj else ["vision", "embed_tokens"]
@@ -97,13 +92,6 @@ def convert_to_gguf(model: str, out: str | Path, *, quant: str = "q8_0", config_
         reports = validate_directory(tmp, family=fam)
         manifest["parity"] = {k: r.to_dict() for k, r in reports.items()}
         write_manifest(tmp, manifest)
-        os.chmod(tmp, 0o755)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     progress(f"[5/5] wrote {out} in {time.perf_counter() - t0:.1f}s")
     return out, reports
 

@@ -38,7 +38,7 @@ class TrtSession:
                                  "rebuild the engines on this device: ./build_engines.sh")
         self.context = self.engine.create_execution_context()
         self.profiles = profiles
-        self.profile = 0
+        self.profile = None  # the optimisation profile last selected on the context
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         mode = self.engine.get_tensor_mode
         self.inputs = [n for n in names if mode(n) == trt.TensorIOMode.INPUT]
@@ -67,9 +67,9 @@ class TrtSession:
             raise SCRExportError(f"the inputs {shapes} are outside the engine's optimisation profiles",
                                  "convert again with larger limits (--max-seq, --max-images, --max-batch)")
         with torch.cuda.stream(self.stream):
-            if idx != self.profile or not getattr(self, "_profile_set", False):
+            if idx != self.profile:
                 self.context.set_optimization_profile_async(idx, self.stream.cuda_stream)
-                self.profile, self._profile_set = idx, True
+                self.profile = idx
             keep = []
             for name in self.inputs:
                 t = torch.from_numpy(np.ascontiguousarray(feed[name])).to("cuda", self._torch_dtype(name))
