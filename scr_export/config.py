@@ -88,18 +88,29 @@ class SCRConfig:
         return range(self.diag_layers[0], self.diag_layers[1] + 1)
 
     def clamped(self, num_layers: int) -> "SCRConfig":
-        """Clamp both layer ranges to a decoder of ``num_layers`` layers (SCR.md: clamp to the model's depth)."""
+        """This config fitted to a decoder of ``num_layers`` layers (last layer L = num_layers - 1).
+
+        ``diag_layers`` is clamped to the model's depth, as SCR.md prescribes: each bound becomes min(bound, L).
+        A diagnostic range that lies wholly past the end (e.g. the default 8..16 on a 6-layer model) therefore becomes
+        L..L: the deepest layer the model has, the one nearest to the layers asked for.
+
+        ``layers`` is never changed: SCR.md clamps only the diagnostic range, and quietly intervening at fewer layers
+        than asked would change what SCR does. A ``layers`` range that reaches past L is a :class:`ConfigError`.
+        """
         if num_layers < 1:
             raise ConfigError(f"the decoder has {num_layers} layers", "a model with at least one decoder layer is needed")
         last = num_layers - 1
-        if self.layers[0] > last:
-            raise ConfigError(f"layers={self.layers} starts past the decoder's last layer {last}",
-                              f"choose a range within 0..{last}")
-        if self.diag_layers[0] > last:
-            raise ConfigError(f"diag_layers={self.diag_layers} starts past the decoder's last layer {last}",
-                              f"choose a range within 0..{last}")
-        return dataclasses.replace(self, layers=(self.layers[0], min(self.layers[1], last)),
-                                   diag_layers=(self.diag_layers[0], min(self.diag_layers[1], last)))
+        first, end = self.layers
+        if first > last:
+            raise ConfigError(f"layers={self.layers} starts past the decoder's last layer {last} "
+                              f"(the model has {num_layers} decoder layers)",
+                              f"choose a range within 0..{last}, e.g. --layers 0..{min(end - first, last)}")
+        if end > last:
+            raise ConfigError(f"layers={self.layers} ends past the decoder's last layer {last} "
+                              f"(the model has {num_layers} decoder layers); SCR layer ranges are not clamped",
+                              f"choose a range within 0..{last}, e.g. --layers {first}..{last}")
+        diag = (min(self.diag_layers[0], last), min(self.diag_layers[1], last))
+        return dataclasses.replace(self, diag_layers=diag)
 
     def replace(self, **changes: Any) -> "SCRConfig":
         return dataclasses.replace(self, **changes)

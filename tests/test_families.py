@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from conftest import TINY_PRESETS, load, make_image
+from scr_export.diagnostic import query_mask
+from scr_export.errors import ConfigError
 from scr_export.families import FAMILIES
 from scr_export.processing import encode
 from scr_export.reference import generate
@@ -123,12 +125,45 @@ def test_left_padded_batch_matches_single_rows(vlm):
 def test_two_images_in_one_prompt(vlm):
     a, b = make_image(seed=3), make_image(seed=4)
     inputs = encode(vlm, [[a, b]], ["Compare the two pictures."])
-    assert len(inputs.layouts[0]) == 2
-    res = generate(vlm, inputs, vlm.scr_config(), max_new_tokens=2, stop_at_eos=False)
-    first, second = res.plan.images
-    assert first.span.end <= second.span.start
-    assert all(first.span.start <= s < first.span.end for s in first.sources)
-    assert all(second.span.start <= s < second.span.end for s in second.sources)
+    spans = inputs.layouts[0]
+    assert len(spans) == 2
+    first, second = spans
+    cfg = vlm.scr_config()
+    res = generate(vlm, inputs, cfg, max_new_tokens=2, stop_at_eos=False)
+    ids, am = inputs.input_ids[0].numpy(), inputs.attention_mask[0].numpy()
+
+    # image 1's queries: the real non-image tokens after it, which leaves out image 2's tokens
+    q1 = query_mask(ids, am, spans, first)
+    assert np.flatnonzero(q1).tolist() == [t for t in range(first.end, len(ids))
+                                           if ids[t] != vlm.image_token_id and am[t] == 1]
+    assert not q1[second.start:second.end].any() and q1[second.end:].any()
+
+    # each image's map, recomputed from transformers' own attentions over exactly those queries
+    with torch.no_grad():
+        out = vlm.model(**vlm.forward_inputs(inputs.tensors), output_attentions=True, use_cache=False)
+    att = torch.stack([out.attentions[l][0] for l in cfg.diag_layer_indices()]).double().mean(dim=(0, 1)).numpy()
+    for i, span in enumerate(spans):
+        queries = np.flatnonzero(query_mask(ids, am, spans, span))
+        want = att[queries][:, span.start:span.end].mean(axis=0)
+        np.testing.assert_allclose(res.plan.attention[0][i], want, rtol=1e-6, atol=1e-9)
+    # counting image 2's tokens as queries of image 1 would give another map: the exclusion matters
+    after_first = [t for t in range(first.end, len(ids)) if am[t] == 1]  # image 2's tokens included
+    with_second = att[after_first][:, first.start:first.end].mean(axis=0)
+    assert not np.allclose(with_second, res.plan.attention[0][0], rtol=1e-4, atol=0)
+    # two different pictures, two different maps
+    map1, map2 = res.plan.attention[0]
+    assert map1.shape != map2.shape or not np.allclose(map1, map2, rtol=1e-4, atol=0)
+
+    # k sources per image (fewer only if the image has fewer candidates), each image ranked on its own map
+    for i, (span, img) in enumerate(zip(spans, res.plan.images)):
+        assert img.span == span
+        candidates = [g.start + r * g.cols + c for g in span.grids
+                      for r in range(1, g.rows - 1) for c in range(1, g.cols - 1)]
+        assert len(img.sources) == min(cfg.k, len(candidates)) and len(set(img.sources.tolist())) == len(img.sources)
+        scores = res.plan.attention[0][i]
+        best = sorted(candidates, key=lambda t: (-scores[t - span.start], t))[: cfg.k]
+        assert img.sources.tolist() == best
+    assert first.end <= second.start
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
@@ -146,3 +181,33 @@ def test_half_precision_reference_runs_and_keeps_the_plan_close(dtype, image):
     assert len(src_a & src_b) / len(src_a | src_b) >= 0.6  # same model, lower precision: mostly the same sources
     cos = np.dot(a.logits[0][0], b.logits[0][0]) / np.linalg.norm(a.logits[0][0]) / np.linalg.norm(b.logits[0][0])
     assert cos > 0.99
+
+
+@pytest.mark.parametrize("layers, hidden, want", [
+    (48, 8192, (0, 20)),   # Chameleon 30B (SCR.md table)
+    (32, 4096, (0, 15)),   # Chameleon 7B
+    (48, 4096, (0, 15)),   # neither: the 7B default
+    (40, 8192, (0, 15)),
+])
+def test_chameleon_defaults_follow_the_model_size(layers, hidden, want):
+    """Defaults come from the config alone (no weights): 30B is recognised by its depth and width."""
+    import types
+
+    from transformers import ChameleonConfig
+
+    from scr_export.families.chameleon import ChameleonFamily
+
+    cfg = ChameleonConfig(num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=64,
+                          num_key_value_heads=8, intermediate_size=64, vocab_size=128)
+    fam = ChameleonFamily(types.SimpleNamespace(config=cfg), None, None, {})
+    scr = fam.scr_config()
+    assert scr.layers == want and scr.diag_layers == (8, 16) and (scr.k, scr.lam) == (32, 1.10)
+    # a user's range still wins over the default, and one past the depth is an error, not a silent clamp
+    assert fam.scr_config(layers=(2, 5)).layers == (2, 5)
+    with pytest.raises(ConfigError, match="ends past the decoder's last layer"):
+        fam.scr_config(layers=(0, layers))
+
+
+def test_the_chameleon_preset_keeps_its_own_small_ranges():
+    fam = load(TINY_PRESETS["chameleon"])
+    assert fam.scr_config().layers == tuple(fam.config.scr_export["layers"])

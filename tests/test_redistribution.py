@@ -80,7 +80,6 @@ def test_active_plan_refuses_a_kv_decode_step(vlm, image):
     inputs = encode(vlm, [[image]], ["Where?"])
     cfg = vlm.scr_config()
     plan = plan_for_inputs(vlm, inputs, cfg)
-    short = {k: v for k, v in inputs.tensors.items()}
     with Redistribution(vlm, plan, cfg), torch.no_grad():
         with pytest.raises(RuntimeError, match="decode step must run with the plan inactive"):
             vlm.model(input_ids=inputs.input_ids[:, -1:], attention_mask=inputs.attention_mask[:, -1:],

@@ -19,8 +19,7 @@ pytest.importorskip("onnxruntime", reason="the ONNX extra is not installed: pip 
 from conftest import TINY_PRESETS, make_image  # noqa: E402
 from runtimes.kernels import build  # noqa: E402
 from runtimes.tensorrt import plugin_rules as rules  # noqa: E402
-from runtimes.tensorrt.build_script import shape_arg  # noqa: E402
-from runtimes.tensorrt.profiles import Limits, covers, merged, model_shape, resolve  # noqa: E402
+from runtimes.tensorrt.profiles import Limits, covers, model_shape, resolve  # noqa: E402
 from scr_export.errors import SCRExportError  # noqa: E402
 
 _CONVERTED: dict = {}
@@ -56,11 +55,27 @@ def test_tensorrt_9_is_refused_and_junk_versions_are_errors():
         rules.scr_path_for("latest")
 
 
-def test_type_combinations_pair_hidden_and_output_types():
+# the kernel source is the other side of the plugin's contract: its entry points, their types and launch bound
+KERNEL_SOURCE = build.KERNEL_CU.read_text()
+CUDA_TYPES = {"float": ("FP32", "float32", 4), "__half": ("FP16", "float16", 2),
+              "__nv_bfloat16": ("BF16", "bfloat16", 2)}
+KERNEL_ENTRIES = {name: (CUDA_TYPES[t], int(vec))
+                  for name, t, vec in re.findall(r"^SCR_ENTRY\((\w+), (\w+), (\d+)\)", KERNEL_SOURCE, re.M)}
+LAUNCH_BOUND = int(re.search(r"__launch_bounds__\((\d+)\)", KERNEL_SOURCE).group(1))
+
+
+def test_type_combinations_are_what_the_cuda_entry_points_take():
+    # the entry macro's parameters: h (T), donor, scale, weight, int seq, int dim, out (T)
+    macro = re.search(r"#define SCR_ENTRY\(NAME, T, VEC\).*?NAME\((.*?)\)", KERNEL_SOURCE, re.S).group(1)
+    params = [re.sub(r"\s+", " ", p.replace("\\", "")).strip() for p in macro.split(",")]
+    ctype = {"T": None, "int64_t": "INT64", "float": "FP32"}
+    kinds = [ctype[re.match(r"(?:const )?(\w+)", p).group(1)] for p in params if not p.startswith("int ")]
+    assert len(kinds) == 5 and kinds[0] is None and kinds[-1] is None  # hidden and out are the kernel's T
+    kernel_types = {t for (t, _, _), _ in KERNEL_ENTRIES.values()}
+    want = {(t, kinds[1], kinds[2], kinds[3], t) for t in kernel_types}
     combos = rules.type_combinations()
-    assert {c[0] for c in combos} == {"FP32", "FP16", "BF16"}
-    for hidden, donor, scale, weight, out in combos:
-        assert out == hidden and donor == "INT64" and scale == weight == "FP32"
+    assert len(combos) == len(set(combos)) and set(combos) == want
+    assert {rules.TRT_TYPE_NAMES[c[0]] for c in combos} == {"float32", "float16", "bfloat16"}
 
 
 def test_shape_rule():
@@ -71,14 +86,28 @@ def test_shape_rule():
         rules.output_shape((2, 7, 64), (2, 7), (2, 7, 1), (2, 7))
 
 
-@pytest.mark.parametrize("dtype, dim, entry, block", [
-    ("float16", 4096, "scr_neighbour_inject_f16_v8", 256), ("bfloat16", 4096, "scr_neighbour_inject_bf16_v8", 256),
-    ("float32", 4096, "scr_neighbour_inject_f32_v4", 256), ("float32", 64, "scr_neighbour_inject_f32_v4", 32),
-    ("float16", 70, "scr_neighbour_inject_f16", 96), ("float32", None, "scr_neighbour_inject_f32", 256)])
-def test_aot_launch_parameters(dtype, dim, entry, block):
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("dim", [None, 1, 8, 64, 70, 100, 2048, 4096, 5120, 8191])
+def test_aot_launch_fits_the_kernel_source(dtype, dim):
     launch = rules.aot_launch(dtype, dim)
-    assert launch["entry"] == entry and launch["block_x"] == block and launch["extra_args"] == ("seq", "dim")
-    assert launch["block_x"] % 32 == 0 and launch["block_x"] <= 256
+    (trt_type, kernel_dtype, elem), vec = KERNEL_ENTRIES[launch["entry"]]  # an entry point the .cu defines
+    assert kernel_dtype == dtype
+    # the vectorised entry reads dim / VEC packs of 16 bytes: only for rows that split into whole packs, and then always
+    if vec > 1:
+        assert vec * elem == 16 and dim is not None and dim % vec == 0
+    else:
+        assert dim is None or dim % (16 // elem) != 0
+    # whole warps, within the entry's __launch_bounds__, enough threads for one pass over the row where the bound
+    # allows, and no warp that would have nothing to do
+    block = launch["block_x"]
+    assert block % 32 == 0 and 32 <= block <= LAUNCH_BOUND
+    if dim is not None:
+        packs = -(-dim // vec)
+        assert block >= min(packs, LAUNCH_BOUND) and (block == 32 or block - 32 < packs)
+    else:
+        assert block == LAUNCH_BOUND  # any D: the element-wise entry at its bound
+    assert launch["extra_args"] == ("seq", "dim")  # the entry's int parameters, in order
+    assert re.search(r"float\* __restrict__ weight, int seq, int dim,", KERNEL_SOURCE)
 
 
 def test_ptx_choice_picks_the_newest_arch_the_gpu_can_jit(tmp_path):
@@ -185,22 +214,100 @@ def test_limits_size_the_profiles_and_bad_limits_are_clear_errors(trt_dir):
 
 # -- build_engines.sh --------------------------------------------------------------------------------------------
 
-def test_build_script_is_valid_bash_with_the_profiles(trt_dir):
-    out, _, _ = trt_dir("qwen2_vl")
+def _script_shapes(text: str) -> dict[str, dict[str, dict[str, tuple[int, ...]]]]:
+    """{onnx file: {"min"|"opt"|"max": {input: shape}}}, read back from the trtexec lines of build_engines.sh."""
+    out = {}
+    for file, block in re.findall(r'--onnx="\$DIR/([\w.]+)"(.*?)--skipInference', text, re.S):
+        shapes = {}
+        for key in ("min", "opt", "max"):
+            arg = re.search(rf"--{key}Shapes=(\S+)", block).group(1).strip("'")
+            shapes[key] = {name: tuple(int(v) for v in dims.split("x"))
+                           for name, dims in (item.rsplit(":", 1) for item in arg.split(","))}
+        out[file] = shapes
+    return out
+
+
+def _onnx_inputs(path: Path) -> dict[str, list]:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
+
+
+@pytest.mark.parametrize("family, limits", [("llava", dict(max_batch=2, max_images=2, max_seq=300)),
+                                            ("qwen2_vl", {})])
+def test_build_script_shapes_fit_the_graphs_the_model_and_the_limits(family, limits, trt_dir):
+    from conftest import load
+
+    out, _, _ = trt_dir(family, **limits)
     script = out / "build_engines.sh"
     assert os.access(script, os.X_OK)
     subprocess.run(["bash", "-n", str(script)], check=True)
     text = script.read_text()
-    manifest = json.loads((out / "manifest.json").read_text())
-    blocks = dict(re.findall(r'--onnx="\$DIR/([\w.]+)"(.*?)--skipInference', text, re.S))
-    for graph, plist in manifest["tensorrt"]["profiles"].items():
-        block = blocks[manifest["graphs"][graph]["file"]]
-        prof = merged(plist)
-        for key in ("min", "opt", "max"):
-            arg = re.search(rf"--{key}Shapes=(\S+)", block).group(1)
-            assert dict(x.split(":") for x in arg.split(",")) == dict(
-                x.split(":") for x in shape_arg(prof, key).split(","))
     assert text.count("--stronglyTyped") == 4
+    got = _script_shapes(text)
+    manifest = json.loads((out / "manifest.json").read_text())
+    files = {g: info["file"] for g, info in manifest["graphs"].items()}
+    assert set(got) == set(files.values())
+
+    for graph, file in files.items():
+        shapes = got[file]
+        # every dynamic input of the ONNX file has a range; static dimensions are the file's own
+        dims = {n: d for n, d in _onnx_inputs(out / file).items() if not all(isinstance(v, int) for v in d)}
+        assert set(shapes["min"]) == set(shapes["opt"]) == set(shapes["max"]) == set(dims), graph
+        for name, d in dims.items():
+            for key in ("min", "opt", "max"):
+                assert len(shapes[key][name]) == len(d)
+                assert all(v == s for v, s in zip(shapes[key][name], d) if isinstance(s, int)), (graph, name, key)
+            assert all(lo <= o <= hi for lo, o, hi in zip(shapes["min"][name], shapes["opt"][name],
+                                                          shapes["max"][name])), (graph, name)
+        # one trtexec profile covering all of the manifest's profiles of this graph (decoder: prefill + decode)
+        plist = manifest["tensorrt"]["profiles"][graph]
+        for name in dims:
+            assert shapes["min"][name] == tuple(min(p[name]["min"][i] for p in plist)
+                                                for i in range(len(dims[name])))
+            assert shapes["max"][name] == tuple(max(p[name]["max"][i] for p in plist)
+                                                for i in range(len(dims[name])))
+            assert shapes["opt"][name] == tuple(plist[0][name]["opt"])
+
+    # the numbers, from the model's own config and the limits asked for
+    vlm = load(TINY_PRESETS[family])
+    tc = vlm.text_config
+    hidden, kv = tc.hidden_size, tc.num_key_value_heads
+    head_dim = getattr(tc, "head_dim", None) or hidden // tc.num_attention_heads
+    batch, images = limits.get("max_batch", 1), limits.get("max_images", 1)
+    dec, emb = got[files["decoder"]], got[files["embed_tokens"]]
+    seq = dec["max"]["inputs_embeds"][1]
+    if "max_seq" in limits:
+        assert seq == limits["max_seq"]
+    assert seq <= tc.max_position_embeddings
+    assert dec["min"]["inputs_embeds"] == (1, 1, hidden) and dec["max"]["inputs_embeds"] == (batch, seq, hidden)
+    assert emb["min"]["input_ids"] == (1, 1) and emb["max"]["input_ids"] == (batch, seq)
+    for name in ("scr_donor", "scr_scale", "scr_weight"):
+        assert dec["min"][name] == (1, 1) and dec["max"][name] == (batch, seq)
+    assert dec["max"]["attention_mask"] == (batch, seq)
+    past = sorted(n for n in dec["max"] if n.startswith("past_key_values."))
+    assert past == sorted(f"past_key_values.{i}.{kind}" for i in range(vlm.num_layers) for kind in ("key", "value"))
+    for name in past:  # prefill from an empty cache up to seq - 1 cached positions before the last decode step
+        assert dec["min"][name] == (1, kv, 0, head_dim) and dec["max"][name] == (batch, kv, seq - 1, head_dim)
+    diag = got[files["diagnostic"]]
+    last_diag = vlm.scr_config().diag_layers[1]
+    assert {n for n in diag["max"] if n.startswith("past_key_values.")} <= {
+        f"past_key_values.{i}.{kind}" for i in range(last_diag + 1) for kind in ("key", "value")}
+    assert diag["max"]["inputs_embeds"] == (batch, seq, hidden)
+    assert diag["max"]["scr_query_mask"] == (batch, images, seq)
+    vision = got[files["vision"]]
+    vc = vlm.config.vision_config
+    if family == "llava":
+        side = vc.image_size
+        assert vision["min"]["pixel_values"] == (1, 3, side, side)
+        assert vision["max"]["pixel_values"] == (batch * images, 3, side, side)
+    else:  # Qwen2-VL: flattened patches of C x temporal x patch x patch, whole 2x2 merge blocks
+        merge = vc.spatial_merge_size
+        width = vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2
+        lo, hi = vision["min"]["pixel_values"], vision["max"]["pixel_values"]
+        assert lo[1] == hi[1] == width and lo[0] == merge * merge and hi[0] % (merge * merge) == 0
+        assert dec["min"]["position_ids"] == (3, 1, 1) and dec["max"]["position_ids"] == (3, batch, seq)
 
 
 def test_build_script_reports_a_missing_trtexec_and_a_bad_mode(trt_dir):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import http.client
 import io
 import os
 import re
@@ -21,6 +22,8 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
+import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -42,6 +45,14 @@ LIBRARY = {"cpu": "libscr_ort_ops.so", "cuda": "libscr_ort_ops_cuda.so"}
 
 class BuildError(SCRExportError):
     """A kernel could not be built."""
+
+
+class HeadersUnreachable(BuildError):
+    """The server with the ONNX Runtime headers package could not be reached (no network, DNS, refused, timed out).
+
+    Only this is a network problem: an HTTP error status (e.g. 404 once Debian drops the pinned version), a sha256
+    mismatch or a file that is not a Debian archive are plain :class:`BuildError` s, because retrying cannot fix them.
+    """
 
 
 def _cache_root() -> Path:
@@ -125,12 +136,18 @@ def ort_include_dir(progress: Callable[[str], None] = lambda m: None) -> Path:
     if (inc / "onnxruntime_lite_custom_op.h").exists():
         return inc
     progress(f"fetching the ONNX Runtime C/C++ headers (Debian libonnxruntime-dev 1.21) from {url}")
+    host = urllib.parse.urlsplit(url).hostname
     try:
         with urllib.request.urlopen(url, timeout=60) as r:
             deb = r.read()
-    except OSError as exc:
-        raise BuildError(f"cannot download the ONNX Runtime headers ({exc})",
-                         "set SCR_EXPORT_ORT_INCLUDE to an include/onnxruntime folder of ORT >= 1.21") from None
+    except urllib.error.HTTPError as exc:  # the server answered, but not with the package: retrying will not help
+        raise BuildError(f"{host} answered HTTP {exc.code} ({exc.reason}) for the ONNX Runtime headers package {url}",
+                         "the pinned Debian package may have left the archive: set SCR_EXPORT_ORT_INCLUDE to an "
+                         "include/onnxruntime folder of ORT >= 1.21, or update ORT_HEADERS_DEB") from None
+    except (OSError, http.client.HTTPException) as exc:  # no route, DNS, refused, timed out, connection dropped
+        raise HeadersUnreachable(f"cannot reach {host} to download the ONNX Runtime headers ({exc})",
+                                 "connect to the network and retry, or set SCR_EXPORT_ORT_INCLUDE to an "
+                                 "include/onnxruntime folder of ORT >= 1.21") from None
     if hashlib.sha256(deb).hexdigest() != sha:
         raise BuildError("the downloaded ONNX Runtime headers package has an unexpected sha256",
                          "retry; if it persists set SCR_EXPORT_ORT_INCLUDE to a local ORT include folder")

@@ -72,13 +72,17 @@ class VLMFamily:
 
     def scr_config(self, **overrides: Any) -> SCRConfig:
         """The family default, overridden by a preset's own ranges (config attribute) and by ``overrides``."""
-        base = self.scr_defaults
+        base = self.default_scr_config()
         stored = getattr(self.config, "scr_export", None)
         if isinstance(stored, dict):
             base = SCRConfig.from_dict({**base.to_dict(), **stored})
         if overrides:
             base = base.replace(**overrides)
         return base.clamped(self.num_layers)
+
+    def default_scr_config(self) -> SCRConfig:
+        """The paper's defaults for this model (SCR.md table); families whose sizes differ override this."""
+        return self.scr_defaults
 
     # -- prompts and processing -----------------------------------------------------------------------------------
     def format_prompt(self, prompt: str, num_images: int) -> str:

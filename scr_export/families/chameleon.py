@@ -17,8 +17,16 @@ class ChameleonFamily(VLMFamily):
     processor_class = "ChameleonProcessor"
     layers_path = "model.layers"
     prompt_template = "{images}{prompt}"
-    scr_defaults = SCRConfig(layers=(0, 15), diag_layers=(8, 16))
+    scr_defaults = SCRConfig(layers=(0, 15), diag_layers=(8, 16))  # Chameleon 7B (32 layers, hidden 4096)
+    scr_defaults_30b = SCRConfig(layers=(0, 20), diag_layers=(8, 16))  # Chameleon 30B (SCR.md table)
+    GEOMETRY_30B = (48, 8192)  # (decoder layers, hidden size) of Chameleon 30B; 7B is (32, 4096)
     grid_rule = "VQ latent (resolution / 2^(levels-1))², row-major, one grid per image"
+
+    def default_scr_config(self) -> SCRConfig:
+        """SCR.md: layers 0..20 for Chameleon 30B (recognised by its depth and width), 0..15 for 7B and others."""
+        tc = self.text_config
+        geometry = (int(tc.num_hidden_layers), int(tc.hidden_size))
+        return self.scr_defaults_30b if geometry == self.GEOMETRY_30B else self.scr_defaults
 
     @property
     def image_token_id(self) -> int:
