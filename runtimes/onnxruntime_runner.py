@@ -5,6 +5,7 @@ PyTorch reference (``scr_export.plan.plan_sequence``)."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,6 +43,19 @@ def pick_providers(device: str = "auto") -> list[str]:
     return ["CPUExecutionProvider"]
 
 
+def check_fp8_gpu() -> None:
+    """fp8 Q/DQ graphs on the CUDA provider need an fp8 GPU (Ada sm_89, Hopper sm_90 or newer)."""
+    try:
+        import torch
+    except ImportError:
+        return  # cannot tell without torch: ONNX Runtime reports it itself
+    if torch.cuda.is_available():
+        cc = torch.cuda.get_device_capability()
+        if cc < (8, 9):
+            raise RuntimeUnavailable(f"this GPU (sm_{cc[0]}{cc[1]}) has no fp8 support; fp8 graphs need sm_89 (Ada) "
+                                     "or newer", "use --device cpu (fp8 emulated), or convert with --precision int8")
+
+
 @dataclasses.dataclass
 class OrtResult:
     tokens: np.ndarray
@@ -56,28 +70,79 @@ class OrtVLM:
     """A converted directory, loaded into ONNX Runtime sessions."""
 
     def __init__(self, directory: str | Path, device: str = "auto", threads: int | None = None,
-                 scr_kernel: str | None = None):
+                 scr_kernel: str | None = None, unfused: bool = False):
+        """``unfused=True`` runs quantized graphs as written, without ONNX Runtime's quantized kernels: Q/DQ graphs
+        with ``session.disable_quant_qdq`` (DequantizeLinear + float MatMul), MatMulNBits at accuracy level 1
+        (float32 activations). It is the engine-only reference of `validate`: fused vs unfused is kernel error,
+        unfused vs the float model is quantization error."""
         import onnxruntime as ort
 
         self._load_directory(directory)
         self.providers = pick_providers(device)
+        self.unfused = unfused
+        self.recorder = None  # callable(graph name, feed): sees every feed (the calibration reader records them)
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
+        quant = self.manifest.get("quantization") or {}
+        if quant and "CUDAExecutionProvider" in self.providers and self.manifest.get("precision") == "fp8":
+            check_fp8_gpu()
+        if unfused:
+            opts.add_session_config_entry("session.disable_quant_qdq", "1")
+        elif quant.get("precision") == "int4":
+            # blocked int4 Q/DQ files (--to trt) are fused into MatMulNBits on the CPU: at the recorded level
+            opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level",
+                                          str(quant["int4_accuracy_level"]))
         from runtimes.kernels.ort_library import attach
 
         # what runs the SCRNeighbourInject nodes: the custom-op library when built, else their ONNX function body
         self.scr_kernel = attach(opts, self.providers, scr_kernel)
         self.sessions = {}
+        self._input_types: dict[str, dict[str, Any]] = {}
+        self._tmp = None
         for name, info in self.manifest["graphs"].items():
+            path = self.dir / info["file"]
+            if unfused and (quant.get("graphs", {}).get(name, {}).get("format") == "matmulnbits"):
+                path = self._accuracy_level_1(path)
             try:
-                self.sessions[name] = ort.InferenceSession(str(self.dir / info["file"]), opts,
-                                                           providers=self.providers)
+                self.sessions[name] = ort.InferenceSession(str(path), opts, providers=self.providers)
             except Exception as exc:  # ORT raises its own exception types for bad files
                 raise SCRExportError(f"ONNX Runtime cannot load {info['file']}: {str(exc).splitlines()[0]}",
                                      "the file is damaged or incomplete: convert the model again") from None
+            self._input_types[name] = {i.name: (np.float16 if i.type == "tensor(float16)" else np.float32)
+                                       for i in self.sessions[name].get_inputs() if "float" in i.type}
         ep = next(iter(self.sessions.values())).get_providers()[0]
         self.provider = ep if "decoder" not in self.sessions else f"{ep}, SCR nodes: {self.scr_kernel}"
+        if unfused:
+            self.provider += ", quantized kernels off (engine reference)"
+
+    def _accuracy_level_1(self, path: Path) -> Path:
+        """A copy of a MatMulNBits graph whose nodes compute with float32 activations (accuracy_level 1); the
+        weights file is linked, not copied."""
+        import tempfile
+
+        import onnx
+
+        if self._tmp is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="scr-unfused-")
+        model = onnx.load(str(path), load_external_data=False)
+        for n in model.graph.node:
+            if n.op_type == "MatMulNBits":
+                for a in n.attribute:
+                    if a.name == "accuracy_level":
+                        a.i = 1
+                if not any(a.name == "accuracy_level" for a in n.attribute):
+                    n.attribute.append(onnx.helper.make_attribute("accuracy_level", 1))
+        out = Path(self._tmp.name) / path.name
+        onnx.save(model, str(out))
+        for data in path.parent.glob(path.name + "*.data"):
+            try:  # ONNX Runtime refuses external data outside the model's directory, so a symlink will not do
+                os.link(data, out.parent / data.name)
+            except OSError:  # another file system: copy
+                import shutil
+
+                shutil.copyfile(data, out.parent / data.name)
+        return out
 
     def _load_directory(self, directory: str | Path) -> None:
         """Manifest, processing files and decoder geometry: what every runtime's runner shares."""
@@ -89,17 +154,26 @@ class OrtVLM:
         self.config = SCRConfig.from_dict(self.manifest["scr"])
         d = self.manifest["decoder"]
         self.num_layers, self.kv_heads, self.head_dim = d["num_layers"], d["kv_heads"], d["head_dim"]
-        # GGUF directories hold only the vision / embedding graphs here, always float32
-        self.float_type = np.float16 if self.manifest.get("precision") == "fp16" else np.float32
+        # the KV cache's type: the decoder's own (float16 only for fp16 graphs; quantized graphs keep float32 I/O)
+        self.float_type = np.float16 if self.manifest.get("precision") == "fp16" and "gguf" not in self.manifest \
+            else np.float32
 
     # -- pieces -------------------------------------------------------------------------------------------------
     def encode(self, images: Sequence[Sequence[Any]], prompts: Sequence[str]) -> VLMInputs:
         return encode(self.family, images, prompts)
 
     def _run(self, name: str, feed: dict[str, np.ndarray], outputs=None):
-        sess = self.sessions[name]
-        wanted = {i.name for i in sess.get_inputs()}
-        return sess.run(outputs, {k: v for k, v in feed.items() if k in wanted})
+        """Run one graph; float inputs are cast to the graph's own input type (GGUF directories hold float32
+        vision graphs beside an f16 decoder)."""
+        types = self._input_types[name]
+        feed = {k: (v.astype(types[k]) if k in types and v.dtype != types[k] else v)
+                for k, v in feed.items() if k in self._wanted(name)}
+        if self.recorder is not None:
+            self.recorder(name, feed)
+        return self.sessions[name].run(outputs, feed)
+
+    def _wanted(self, name: str) -> set[str]:
+        return {i.name for i in self.sessions[name].get_inputs()}
 
     def embed(self, inputs: VLMInputs) -> np.ndarray:
         """inputs_embeds [B, T, D]: token embeddings with the image features (or VQ ids) put at the image tokens."""

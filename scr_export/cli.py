@@ -232,8 +232,24 @@ class Convert(Command):
                        help="--to gguf: llama.cpp's own projector (mmproj, Qwen2-VL) or our ONNX vision encoder; "
                             "auto picks mmproj where llama.cpp supports the family")
         p.add_argument("--out", required=True, metavar="DIR", help="the directory to write (must not exist)")
-        p.add_argument("--precision", choices=["fp32", "fp16"], default=None,
-                       help="graph precision (default fp32 for onnx, fp16 for trt: strongly typed engines take it)")
+        p.add_argument("--precision", choices=["fp32", "fp16", "int8", "int4", "fp8"], default=None,
+                       help="graph precision (default fp32 for onnx, fp16 for trt: strongly typed engines take it). "
+                            "int8: static Q/DQ of the decoder's linear layers (calibrated with SCR on); int4: "
+                            "weight-only blocks (MatMulNBits for onnx, blocked int4 Q/DQ for trt); fp8: E4M3 Q/DQ "
+                            "(TensorRT on Ada/Hopper; ONNX Runtime CPU emulates it)")
+        q = p.add_argument_group("quantization (--precision int8|int4|fp8, --to onnx|trt)")
+        q.add_argument("--calib-data", metavar="PATH",
+                       help="calibration pairs: a folder of images (optional prompts.txt, one prompt a line) or a "
+                            "JSONL file of {\"image\": path, \"prompt\": text}; default: a built-in synthetic set "
+                            "(smoke tests only)")
+        q.add_argument("--calib-samples", type=int, metavar="N", help="use at most N pairs (default: all; 8 synthetic)")
+        q.add_argument("--calib-decode-steps", type=int, default=4, metavar="N",
+                       help="greedy decode steps per pair fed to the calibrator after the prefill (default 4)")
+        q.add_argument("--diagnostic-precision", choices=["same", "float"], default="same",
+                       help="quantize the diagnostic graph like the decoder (default) or keep it float32")
+        q.add_argument("--int4-accuracy-level", type=int, default=4, metavar="L",
+                       help="MatMulNBits compute type on ONNX Runtime: 4 = int8 activations (default, fast on CPU), "
+                            "1 = float32 activations")
         t = p.add_argument_group("--to trt: engine limits (optimisation profiles) and building")
         t.add_argument("--max-batch", type=int, default=1, metavar="N", help="prompts per call (default 1)")
         t.add_argument("--max-images", type=int, default=1, metavar="N", help="images per prompt (default 1)")
@@ -255,8 +271,34 @@ class Convert(Command):
         g.add_argument("--border", choices=["exclude", "include"])
 
     def run(self, args):
-        from .convert import convert_to_onnx
+        from .convert import QUANTIZED, convert_to_onnx
 
+        precision = args.precision
+        quant_flags = [f for f, v in (("--calib-data", args.calib_data), ("--calib-samples", args.calib_samples))
+                       if v is not None]
+        if args.to == "gguf" and precision is not None:
+            raise SCRExportError(f"--precision {precision} does not apply to --to gguf: GGUF weight types are "
+                                 "chosen with --quant", "use --quant q8_0 (or f32, f16, q4_0, q4_k_m, ...)")
+        if quant_flags and precision not in QUANTIZED:
+            raise SCRExportError(f"{' and '.join(quant_flags)} need a quantized precision (got "
+                                 f"{precision or 'the default float'})",
+                                 "add --precision int8 or fp8 (int4 is weight-only), or drop the calibration options")
+        if precision in QUANTIZED:
+            from calibration.quantize import QuantizeSpec, convert_quantized
+            from runtimes.tensorrt.profiles import Limits
+
+            spec = QuantizeSpec(precision, target=args.to, calib_data=args.calib_data,
+                                calib_samples=args.calib_samples, decode_steps=args.calib_decode_steps,
+                                diagnostic=args.diagnostic_precision, int4_accuracy_level=args.int4_accuracy_level)
+            limits = Limits(max_batch=args.max_batch, max_images=args.max_images,
+                            max_image_tokens=args.max_image_tokens, max_seq=args.max_seq)
+            res = convert_quantized(args.model, args.out, spec=spec, config_overrides=_scr_overrides(args),
+                                    force=args.force, progress=_log, exporter=args.exporter, trt_limits=limits,
+                                    build=args.build_engines)
+            print(_tables(res[1]))
+            if args.to == "trt" and res[2] is None:
+                print(f"TensorRT engines: NOT built here; run {res[0] / 'build_engines.sh'} on the target device")
+            return 0 if _passed(res[1]) or args.no_fail_on_parity else 1
         if args.to == "trt":
             from runtimes.tensorrt.convert import convert_to_trt
             from runtimes.tensorrt.profiles import Limits
@@ -266,7 +308,7 @@ class Convert(Command):
             out, report, engines = convert_to_trt(args.model, args.out, precision=args.precision or "fp16",
                                                   limits=limits, config_overrides=_scr_overrides(args),
                                                   force=args.force, progress=_log, build=args.build_engines)
-            print(report.table())
+            print(_tables(report))
             if engines is None:
                 print(f"TensorRT engines: NOT built here; run {out / 'build_engines.sh'} on the target device")
             else:
@@ -287,8 +329,12 @@ class Convert(Command):
 
 def _tables(reports) -> str:
     if isinstance(reports, dict):
+        quantized_onnx = "engine" in reports
         titles = {"dequantized": "against the PyTorch decoder on the GGUF's dequantized weights (engine error; gated)",
-                  "float": "against the float PyTorch model (what users see; gated for f32 only)"}
+                  "float": "against the float32 PyTorch model (what users see; gated)" if quantized_onnx else
+                           "against the float PyTorch model (what users see; gated for f32 only)",
+                  "engine": "ONNX Runtime's quantized kernels against the same graph run unfused (kernel error; "
+                            "gated)"}
         return "\n\n".join(f"== {titles.get(k, k)}\n{r.table()}" for k, r in reports.items())
     return reports.table()
 

@@ -109,11 +109,17 @@ def staged_directory(out: Path):
         raise
 
 
+QUANTIZED = ("int8", "int4", "fp8")
+
+
 def convert_to_onnx(model: str, out: str | Path, *, precision: str = "fp32", exporter: str = "dynamo",
                     config_overrides: dict[str, Any] | None = None, force: bool = False,
-                    progress: Progress = _stderr, finalize: Callable[[Path, dict, Any], None] | None = None):
+                    progress: Progress = _stderr, finalize: Callable[[Path, dict, Any], None] | None = None,
+                    quantize: Callable[[Path, dict, Any], None] | None = None, opset: int | None = None):
     """Write ``out`` with the four graphs, tokenizer / image processor files and manifest.json.
 
+    ``quantize(staging_dir, manifest, family)`` turns the float32 graphs into the quantized ones before validation
+    (``calibration.quantize.Quantizer``; needed for int8 / int4 / fp8, which export at ``opset`` 21).
     ``finalize(staging_dir, manifest, family)`` may add files and manifest entries before the directory appears
     (the TensorRT converter does); the manifest is written again after it.
     """
@@ -128,26 +134,33 @@ def convert_to_onnx(model: str, out: str | Path, *, precision: str = "fp32", exp
     from .onnx_export.vision import export_embed_tokens, export_vision
 
     out = Path(out)
-    if precision not in ("fp32", "fp16"):
-        raise SCRExportError(f"precision {precision!r} is not supported for ONNX", "use --precision fp32 or fp16")
+    if precision not in ("fp32", "fp16") + QUANTIZED:
+        raise SCRExportError(f"precision {precision!r} is not supported for ONNX",
+                             "use --precision fp32, fp16, int8, int4 or fp8")
+    if (precision in QUANTIZED) != (quantize is not None):
+        raise SCRExportError(f"precision {precision} needs the quantize step" if quantize is None else
+                             "a quantize step was given for a float precision",
+                             "call calibration.quantize.convert_quantized for int8 / int4 / fp8")
     if exporter not in ("dynamo", "legacy"):
         raise SCRExportError(f"exporter {exporter!r} is unknown", "use --exporter dynamo (default) or legacy")
     check_out_dir(out, force)
     t0 = time.perf_counter()
-    progress(f"[1/6] loading {model} ({precision})")
+    steps = 7 if quantize else 6
+    progress(f"[1/{steps}] loading {model} ({precision})")
     fam = load_vlm(model, dtype="float16" if precision == "fp16" else "float32")
     config = fam.scr_config(**(config_overrides or {}))
     with staged_directory(out) as tmp:
         image_inputs = fam.process_images([sample_image()])
         raw = tmp / "raw"
         raw.mkdir()
-        progress("[2/6] exporting the vision encoder (dynamo)")
+        progress(f"[2/{steps}] exporting the vision encoder (dynamo)")
         export_vision(fam, image_inputs, raw / GRAPH_FILES["vision"])
-        progress("[3/6] exporting the token embeddings (dynamo)")
+        progress(f"[3/{steps}] exporting the token embeddings (dynamo)")
         export_embed_tokens(fam, raw / GRAPH_FILES["embed_tokens"])
-        progress(f"[4/6] exporting the decoder with KV cache ({exporter})")
-        export_decoder(fam, raw / "decoder.onnx", dynamo=exporter == "dynamo")
-        progress(f"[5/6] graph passes: SCR after layers {config.layers[0]}..{config.layers[1]}, "
+        progress(f"[4/{steps}] exporting the decoder with KV cache ({exporter}"
+                 + (f", opset {opset})" if opset else ")"))
+        export_decoder(fam, raw / "decoder.onnx", dynamo=exporter == "dynamo", opset=opset)
+        progress(f"[5/{steps}] graph passes: SCR after layers {config.layers[0]}..{config.layers[1]}, "
                  f"diagnostic over layers {config.diag_layers[0]}..{config.diag_layers[1]}")
         decoder = load_model(raw / "decoder.onnx")
         InsertRedistributionPass(config.layer_indices())(decoder)
@@ -173,12 +186,16 @@ def convert_to_onnx(model: str, out: str | Path, *, precision: str = "fp32", exp
             "parity": None,
         }
         write_manifest(tmp, manifest)
-        progress("[6/6] parity against the PyTorch reference")
-        from .parity import validate_directory
+        if quantize is not None:
+            progress(f"[6/{steps}] quantizing to {precision}")
+            quantize(tmp, manifest, fam)
+            write_manifest(tmp, manifest)
+        progress(f"[{steps}/{steps}] parity against the PyTorch reference")
+        from .parity import report_to_dict, validate_directory
 
         # the oracle is the float32 PyTorch model, whatever the exported precision
-        report = validate_directory(tmp, family=fam if precision == "fp32" else None)
-        manifest["parity"] = report.to_dict()
+        report = validate_directory(tmp, family=fam if fam.model.dtype == torch.float32 else None)
+        manifest["parity"] = report_to_dict(report)
         if finalize is not None:
             finalize(tmp, manifest, fam)
         write_manifest(tmp, manifest)

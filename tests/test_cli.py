@@ -38,6 +38,39 @@ def readme_cwd(tmp_path_factory):
     return tmp_path_factory.mktemp("readme")  # the examples build on each other (convert, then run, validate)
 
 
+def _flag(args, name, default=None):
+    return args[args.index(name) + 1] if name in args else default
+
+
+def _api_text(args, cwd):
+    """What the Python API generates for a README ``generate`` / ``run`` line (greedy decoding is deterministic)."""
+    from conftest import load
+    from scr_export.processing import encode, load_image
+
+    image, prompt = load_image(_flag(args, "--image")), _flag(args, "--prompt")
+    steps, scr = int(_flag(args, "--max-new-tokens", 32)), "--no-scr" not in args
+    if args[0] == "generate":
+        from scr_export.reference import generate
+
+        fam = load(args[1])
+        overrides = {key: cast(_flag(args, flag)) for flag, key, cast in
+                     (("--k", "k", int), ("--lambda", "lam", float), ("--layers", "layers", str)) if flag in args}
+        cfg = fam.scr_config(**overrides)
+        return generate(fam, encode(fam, [[image]], [prompt]), cfg, scr=scr, max_new_tokens=steps).texts[0]
+    from scr_export.manifest import pick_runtime, read_manifest
+
+    directory = cwd / args[1]
+    if pick_runtime(read_manifest(directory), _flag(args, "--runtime", "auto")) == "llamacpp":
+        from runtimes.llamacpp.runner import LlamaCppVLM
+
+        runner = LlamaCppVLM(directory)
+    else:
+        from runtimes.onnxruntime_runner import OrtVLM
+
+        runner = OrtVLM(directory, device="cpu")
+    return runner.generate(runner.encode([[image]], [prompt]), scr=scr, max_new_tokens=steps).texts[0]
+
+
 @pytest.mark.parametrize("line", readme_cli_examples())
 def test_readme_cli_examples_run(line, readme_cwd):
     tmp_path = readme_cwd
@@ -45,10 +78,37 @@ def test_readme_cli_examples_run(line, readme_cwd):
     args = [str(ROOT / a) if a.startswith("examples/") else a for a in args]
     res = run(args, cwd=tmp_path)
     assert res.returncode == 0, res.stderr
-    assert res.stdout  # generated text (random tiny models may emit only whitespace)
-    if "explain" in args:
+    command = args[0]
+    if command in ("generate", "run"):
+        # stdout is exactly the generated text (random tiny models may emit only whitespace, so compare, not test
+        # for letters), and stderr says what SCR did
+        assert res.stdout == _api_text(args, tmp_path) + "\n", (res.stdout, res.stderr)
+        steps = int(_flag(args, "--max-new-tokens", 32))
+        made = int(re.search(r"; (\d+) tokens in", res.stderr).group(1))
+        assert 1 <= made <= steps
+        if "--no-scr" in args:
+            assert "no SCR;" in res.stderr and "sources [" not in res.stderr
+        else:
+            cfg = json.loads(re.search(r"SCR (\{.*?\});", res.stderr).group(1).replace("'", '"'))
+            sources = json.loads(re.search(r"sources (\[[\d, ]*\])", res.stderr).group(1))
+            assert len(sources) == len(set(sources)) == cfg["k"]
+            if "--k" in args:
+                assert cfg["k"] == int(_flag(args, "--k")) and cfg["lambda"] == float(_flag(args, "--lambda"))
+                assert cfg["layers"] == [int(v) for v in _flag(args, "--layers").split("..")]
+    elif command == "explain":
         out = tmp_path / args[args.index("--out") + 1]
+        assert res.stdout.strip() == args[args.index("--out") + 1] and out.is_file()
         assert Image.open(out).size[0] >= 640
+        assert re.search(r"credit entropy \d+\.\d+ nats; \d+ sources", res.stderr)
+    elif command == "inspect":
+        assert re.search(r"^family\s+qwen2_vl$", res.stdout, re.M) and re.search(r"^decoder_layers\s+\d+$", res.stdout, re.M)
+    elif command in ("convert", "validate"):
+        assert "PASS" in res.stdout and "FAIL" not in res.stdout, res.stdout
+    elif command == "build-ops":
+        lib = Path(re.search(r"^cpu\s+(\S+)$", res.stdout, re.M).group(1))
+        assert lib.is_file() and lib.suffix == ".so"
+    else:
+        assert command == "--version" and re.fullmatch(r"scr-export \d+\.\d+\.\d+\S*\n", res.stdout), res.stdout
 
 
 def test_readme_main_job_writes_a_sensible_picture(tmp_path):

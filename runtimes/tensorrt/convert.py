@@ -57,14 +57,20 @@ def _write_ptx(directory: Path, progress) -> dict[str, Any]:
 
 def convert_to_trt(model: str, out: str | Path, *, precision: str = "fp16", limits: Limits = Limits(),
                    config_overrides: dict[str, Any] | None = None, force: bool = False,
-                   progress: Callable[[str], None] | None = None, build: str = "auto"):
-    """Returns (out, ONNX Runtime parity report, engine record or None)."""
-    from scr_export.convert import _stderr, convert_to_onnx
+                   progress: Callable[[str], None] | None = None, build: str = "auto",
+                   quantize: Callable | None = None, opset: int | None = None):
+    """Returns (out, ONNX Runtime parity report, engine record or None).
+
+    int8 / fp8 / int4 come through ``calibration.quantize.convert_quantized``, which passes its ``quantize`` step:
+    the engines are then built from the quantized Q/DQ files as they are (explicit quantization, strongly typed).
+    """
+    from scr_export.convert import QUANTIZED, _stderr, convert_to_onnx
 
     progress = progress or _stderr
-    if precision not in ("fp32", "fp16"):
+    if precision not in ("fp32", "fp16") + QUANTIZED:
         raise SCRExportError(f"precision {precision!r} is not supported for TensorRT engines here",
-                             "use --precision fp16 (default) or fp32; bf16 graphs are not exported yet")
+                             "use --precision fp16 (default), fp32, int8, int4 or fp8; bf16 graphs are not exported "
+                             "yet")
     if build not in ("auto", "never", "always"):
         raise SCRExportError(f"--build-engines {build!r} is unknown", "use auto, never or always")
     why_not = tensorrt_status()
@@ -77,9 +83,15 @@ def convert_to_trt(model: str, out: str | Path, *, precision: str = "fp16", limi
         lim = resolve(limits, shape)
         profiles = graph_profiles(tmp, manifest, lim, shape)
         ptx = _write_ptx(tmp, progress)
+        from .plugin_rules import check_plugin_covers
+
+        scr_types = check_plugin_covers(tmp / manifest["graphs"]["decoder"]["file"])
         manifest["tensorrt"] = {
             "limits": lim.to_dict(), "profiles": profiles, "engine_files": ENGINE_FILES,
             "ptx_dir": PTX_DIR, "ptx": ptx, "plugin": "scr::SCRNeighbourInject v1 (QDP, ahead-of-time PTX)",
+            "scr_node_types": sorted(set(scr_types.values())),
+            "quantization": ("explicit (Q/DQ in the graph), strongly typed network" if manifest.get("quantization")
+                             else None),
             "min_tensorrt": {"plugin": ".".join(map(str, MIN_TRT_PLUGIN)),
                              "function": ".".join(map(str, MIN_TRT_FUNCTION))},
             "engines": None,
@@ -90,7 +102,7 @@ def convert_to_trt(model: str, out: str | Path, *, precision: str = "fp16", limi
         script.chmod(script.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
 
     out, report = convert_to_onnx(model, out, precision=precision, config_overrides=config_overrides, force=force,
-                                  progress=progress, finalize=finalize)
+                                  progress=progress, finalize=finalize, quantize=quantize, opset=opset)
     engines = None
     if build != "never" and why_not is None:
         from .engines import build_engines

@@ -96,3 +96,39 @@ def ptx_entries(ptx_text: str) -> set[str]:
 def onnx_node_attributes() -> dict:
     """What the SCR nodes carry for TensorRT's parser (set by InsertRedistributionPass)."""
     return {"plugin_namespace": DOMAIN, "plugin_version": PLUGIN_VERSION}
+
+
+_ONNX_TO_TRT = {1: "FP32", 10: "FP16", 16: "BF16"}  # onnx.TensorProto element types
+
+
+def scr_node_types(onnx_path: Path) -> dict[str, str]:
+    """The hidden-state type each SCR node of a graph sees (TensorRT's names; "unsupported:<onnx type>" when none
+    of the plugin's type combinations fits), from the graph's declared types."""
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    types = {v.name: v.type.tensor_type.elem_type for v in (*model.graph.input, *model.graph.value_info,
+                                                             *model.graph.output)}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    found = {}
+    for n in model.graph.node:
+        if n.op_type != OP_TYPE or n.domain != DOMAIN:
+            continue
+        t = types.get(n.input[0])
+        if t is None:  # an untyped intermediate: the type of the Add that made it (its inputs are typed)
+            p = producer.get(n.input[0])
+            t = next((types[i] for i in (p.input if p is not None else []) if i in types), None)
+        found[n.name] = _ONNX_TO_TRT.get(t, f"unsupported:{onnx.TensorProto.DataType.Name(t) if t else 'unknown'}")
+    return found
+
+
+def check_plugin_covers(onnx_path: Path) -> dict[str, str]:
+    """Every SCR node's hidden type is one the plugin declares (quantized graphs keep SCR float: a Q/DQ on an SCR
+    input would make TensorRT hand the plugin int8/fp8, which it has no kernel for)."""
+    declared = {combo[0] for combo in type_combinations()}
+    found = scr_node_types(onnx_path)
+    bad = {n: t for n, t in found.items() if t not in declared}
+    if bad:
+        raise ValueError(f"{Path(onnx_path).name}: SCR nodes see types the plugin does not declare: {bad} "
+                         f"(declared: {sorted(declared)})")
+    return found

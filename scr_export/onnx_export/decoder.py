@@ -96,6 +96,8 @@ def export_decoder(family: VLMFamily, path, *, dynamo: bool = True, opset: int |
         shapes: list[Any] = [{0: batch, 1: seq}, {0: batch, 1: total}, pos_axes,
                              tuple({0: batch, 2: past} for _ in range(2 * family.num_layers))]
         kw = dict(dynamo=True, dynamic_shapes=tuple(shapes), optimize=True)
+        if opset is not None:
+            kw["opset_version"] = opset
     else:
         axes = {"inputs_embeds": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "total"},
                 "position_ids": ({1: "batch", 2: "seq"} if family.uses_mrope else {0: "batch", 1: "seq"}),

@@ -1,0 +1,230 @@
+"""Quantized conversion: `scr-export convert MODEL --to onnx|trt --precision int8|int4|fp8`.
+
+The float32 graphs are exported as for `--precision fp32` (the decoder and diagnostic graphs at opset 21, so no
+quantizer has to upgrade the opset, which would drop the SCR function), then, inside the staging directory, before
+anything appears at ``--out``:
+
+1. calibration (int8, fp8): the float pipeline runs the calibration pairs with SCR on (``reader.py``); ONNX Runtime's
+   calibrator collects the ranges of the linear layers' activations, cached by checkpoint, SCR config and data
+   (``ranges.py``); the same feeds with SCR off give the on/off range report;
+2. quantization with the SCR-safe recipe (``recipe.py``) of the decoder and the diagnostic graph; the vision encoder
+   and the token embeddings stay float32 (README, "Quantized models": what each choice does to the plan);
+3. the structural check of each quantized graph; the ranges are copied into ``calibration/`` of the artefact;
+4. the manifest records the recipe, the tools' versions, the calibration and the check; `convert` then validates the
+   directory against the float32 PyTorch model with the precision's gates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from scr_export.errors import SCRExportError
+
+from .data import CalibrationSet, load_calibration_data
+from .recipe import INT4_ACCURACY_LEVEL, INT4_BLOCK_SIZE, PRECISIONS, check_quantized, linear_matmuls, to_quantize
+
+QUANT_OPSET = 21   # blocked int4 and float8 Q/DQ need 21; exporting at 21 keeps the SCR function's opset equal
+DIAGNOSTIC_CHOICES = ("same", "float")
+
+
+@dataclasses.dataclass
+class QuantizeSpec:
+    precision: str                       # int8 | int4 | fp8
+    target: str = "onnx"                 # onnx | trt (int4: MatMulNBits for onnx, blocked QDQ for trt)
+    calib_data: str | Path | None = None
+    calib_samples: int | None = None
+    decode_steps: int = 4
+    diagnostic: str = "same"             # quantize the diagnostic graph like the decoder ("same") or keep it float
+    int4_accuracy_level: int = INT4_ACCURACY_LEVEL
+    calibration: CalibrationSet | None = None   # filled by check()
+
+    @property
+    def int4_format(self) -> str:
+        return "matmulnbits" if self.target == "onnx" else "qdq"
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.precision in ("int8", "fp8")
+
+    def check(self, warn: Callable[[str], None]) -> "QuantizeSpec":
+        """Validate the options and read the calibration data (exit-2 errors before any work)."""
+        if self.precision not in PRECISIONS:
+            raise SCRExportError(f"precision {self.precision!r} is not a quantized precision",
+                                 f"use one of {', '.join(PRECISIONS)}")
+        if self.target not in ("onnx", "trt"):
+            raise SCRExportError(f"--to {self.target} cannot take --precision {self.precision}",
+                                 "quantized graphs are for --to onnx or --to trt; for llama.cpp use --to gguf --quant")
+        if self.diagnostic not in DIAGNOSTIC_CHOICES:
+            raise SCRExportError(f"--diagnostic-precision {self.diagnostic!r} is unknown",
+                                 f"use one of {', '.join(DIAGNOSTIC_CHOICES)}")
+        if self.int4_accuracy_level not in (0, 1, 2, 3, 4):
+            raise SCRExportError(f"--int4-accuracy-level {self.int4_accuracy_level} is not 0..4",
+                                 "use 4 (int8 activations, fast on CPU) or 1 (float32 activations)")
+        if not self.needs_calibration:
+            if self.calib_data is not None or self.calib_samples is not None:
+                raise SCRExportError("int4 is weight-only (round-to-nearest blocks): it uses no calibration data",
+                                     "drop --calib-data / --calib-samples, or use --precision int8 or fp8")
+            return self
+        self.calibration = load_calibration_data(self.calib_data, self.calib_samples, warn=warn)
+        return self
+
+
+def _replace_graph(src: Path, dst: Path) -> None:
+    """Put the quantized ``src`` in place of ``dst`` (IR version 10, weights in ``<dst>.data``)."""
+    from graph_passes.io import load_model, save_model
+
+    for p in (dst, dst.with_name(dst.name + ".data")):
+        if p.exists():
+            p.unlink()
+    save_model(load_model(src), dst)
+
+
+class Quantizer:
+    """The quantize step `convert_to_onnx` runs in its staging directory (``__call__(tmp, manifest, family)``)."""
+
+    def __init__(self, spec: QuantizeSpec, progress: Callable[[str], None]):
+        self.spec = spec
+        self.progress = progress
+
+    def _ranges(self, runner: Any, manifest: dict, graph_file: Path, graph: str, method, scr: bool,
+                tensors: list[str]) -> tuple[Path, bool, Any]:
+        from . import ranges
+        from .reader import SCRCalibrationReader
+
+        spec = self.spec
+        key = ranges.cache_key(checkpoint=manifest["source"]["sha256"], scr=manifest["scr"], graph=graph,
+                               scr_on=scr, method=str(method), data=spec.calibration.fingerprint,
+                               decode_steps=spec.decode_steps, exporter=manifest["exporter"],
+                               versions=manifest["versions"], opset=QUANT_OPSET, tensors=sorted(tensors))
+        readers: list[Any] = []
+
+        def compute():
+            reader = SCRCalibrationReader(runner, spec.calibration.samples, graph=graph, scr=scr,
+                                          decode_steps=spec.decode_steps)
+            readers.append(reader)
+            data = ranges.calibrate(graph_file, reader, method, tensors)
+            n = len(spec.calibration.samples)
+            self.progress(f"calibrated {graph} (SCR {'on' if scr else 'off'}, {method.name}): {n} samples, "
+                          f"{reader.feeds_seen} feeds in {reader.seconds:.1f}s ({n / max(reader.seconds, 1e-9):.2f} "
+                          "samples/s)")
+            return data
+
+        path, hit = ranges.cached_ranges(key, compute, progress=self.progress)
+        return path, hit, (readers[0] if readers else None)
+
+    def __call__(self, tmp: Path, manifest: dict, family: Any) -> None:
+        from onnxruntime.quantization import CalibrationMethod
+        from onnxruntime.quantization.calibrate import load_tensors_data
+
+        import onnxruntime
+
+        from runtimes.onnxruntime_runner import OrtVLM
+        from scr_export.convert import GRAPH_FILES
+
+        from . import ranges
+
+        spec = self.spec
+        t0 = time.perf_counter()
+        graphs = ["decoder"] + (["diagnostic"] if spec.diagnostic == "same" else [])
+        files = {g: tmp / GRAPH_FILES[g] for g in graphs}
+        record: dict[str, Any] = {
+            "precision": spec.precision, "target": spec.target, "tool": f"onnxruntime {onnxruntime.__version__}",
+            "graphs": {}, "float_graphs": [g for g in manifest["graphs"] if g not in graphs],
+            **({"int4_accuracy_level": spec.int4_accuracy_level, "int4_block_size": INT4_BLOCK_SIZE}
+               if spec.precision == "int4" else {}),
+            "recipe": "MatMul-only: the decoder's linear layers; SCR nodes, residual adds, norms, softmax, "
+                      "attention MatMuls and the lm_head stay float",
+        }
+        if spec.needs_calibration:
+            method = CalibrationMethod.MinMax if spec.precision == "int8" else CalibrationMethod.Distribution
+            runner = OrtVLM(tmp, device="cpu", scr_kernel="function")  # the float graphs, as `run` runs them
+            cal: dict[str, Any] = {**spec.calibration.describe(), "method": method.name,
+                                   "decode_steps": spec.decode_steps, "graphs": {}}
+            if spec.calibration.synthetic:
+                self.progress("WARNING: calibrating on the built-in synthetic images (pass --calib-data for real "
+                              "calibration)")
+            for g in graphs:
+                quant, _ = to_quantize(files[g])
+                lin = linear_matmuls(files[g])
+                tensors = sorted({lin[n]["activation"] for n in quant})
+                scr = g == "decoder"  # the diagnostic pass runs without SCR by definition
+                path, hit, reader = self._ranges(runner, manifest, files[g], g, method, scr, tensors)
+                entry: dict[str, Any] = {"ranges": ranges.copy_into(path, tmp, g), "cache": "hit" if hit else "miss",
+                                         "cache_key": path.stem}
+                if reader is not None:
+                    entry["samples_with_scr_plan"] = sum(1 for p in reader.plans if not _identity(p))
+                if g == "decoder":  # the on/off report (MinMax, whatever the method)
+                    on_path, _, _ = self._ranges(runner, manifest, files[g], g, CalibrationMethod.MinMax, True, tensors)
+                    off_path, _, _ = self._ranges(runner, manifest, files[g], g, CalibrationMethod.MinMax, False,
+                                                  tensors)
+                    entry["scr_on_off_range_ratio"] = ranges.on_off_ratios(
+                        load_tensors_data(on_path), load_tensors_data(off_path), ranges.layer_of_tensor(files[g]))
+                cal["graphs"][g] = entry
+            record["calibration"] = cal
+            del runner
+        qdir = tmp / "quantized"
+        qdir.mkdir()
+        for g in graphs:
+            src = files[g]
+            quant, keep = to_quantize(src)
+            dst = qdir / src.name
+            self.progress(f"quantizing {g}: {len(quant)} linear layers to {spec.precision}"
+                          + (f" ({spec.int4_format})" if spec.precision == "int4" else "")
+                          + f", {len(keep)} kept float (lm_head)")
+            if spec.precision == "int4":
+                from .recipe import quantize_int4
+
+                quantize_int4(src, dst, spec.int4_format, spec.int4_accuracy_level)
+            else:
+                from .recipe import quantize_int8_or_fp8
+
+                quantize_int8_or_fp8(src, dst, tmp / record["calibration"]["graphs"][g]["ranges"], spec.precision)
+            fmt = spec.int4_format if spec.precision == "int4" else "qdq"
+            first, last = manifest["scr"]["layers"]
+            structure = check_quantized(dst, spec.precision, fmt, quant, keep, last - first + 1 if g == "decoder" else None)
+            _replace_graph(dst, src)
+            record["graphs"][g] = {"format": fmt, **structure,
+                                   **({"block_size": INT4_BLOCK_SIZE} if spec.precision == "int4" else {}),
+                                   **({"accuracy_level": spec.int4_accuracy_level}
+                                      if spec.precision == "int4" and fmt == "matmulnbits" else {})}
+        shutil.rmtree(qdir)
+        record["seconds"] = round(time.perf_counter() - t0, 1)
+        manifest["precision"] = spec.precision
+        manifest["quantization"] = record
+        self.progress(f"quantized in {record['seconds']}s")
+
+
+def _identity(plan: Any) -> bool:
+    import numpy as np
+
+    return bool(np.all(plan.scale == 1) and np.all(plan.weight == 0))
+
+
+def convert_quantized(model: str, out: str | Path, *, spec: QuantizeSpec, config_overrides: dict | None = None,
+                      force: bool = False, progress: Callable[[str], None] | None = None, exporter: str = "dynamo",
+                      trt_limits: Any = None, build: str = "auto"):
+    """`convert --precision int8|int4|fp8`: returns (out, report) for --to onnx and (out, report, engines) for trt.
+    ``report`` is the validation against the float32 PyTorch model (and the engine-only comparison)."""
+    from scr_export.convert import _stderr, check_out_dir, convert_to_onnx
+
+    progress = progress or _stderr
+    spec.check(progress)
+    check_out_dir(Path(out), force)
+    quantizer = Quantizer(spec, progress)
+    if spec.target == "trt":
+        from runtimes.tensorrt.convert import convert_to_trt
+        from runtimes.tensorrt.profiles import Limits
+
+        return convert_to_trt(model, out, precision=spec.precision, limits=trt_limits or Limits(),
+                              config_overrides=config_overrides, force=force, progress=progress, build=build,
+                              quantize=quantizer, opset=QUANT_OPSET)
+    return convert_to_onnx(model, out, precision=spec.precision, exporter=exporter, config_overrides=config_overrides,
+                           force=force, progress=progress, quantize=quantizer, opset=QUANT_OPSET)
+
+
+__all__ = ["QuantizeSpec", "Quantizer", "convert_quantized", "QUANT_OPSET"]
