@@ -6,6 +6,7 @@ For each choice it computes, over N images (the calibration examples and synthet
 plan of the deployed pipeline and the reference's plan, and prints the mean and worst source Jaccard and the share of
 identical plans:
   * the diagnostic graph quantized like the decoder (`--diagnostic-precision same`) at int8, int4 and fp8;
+  * int4 with an int8 weight-only diagnostic graph (`w8`, the int4 default on ONNX Runtime);
   * the diagnostic graph float32 (`--diagnostic-precision float`): the fp32 graphs' plan;
   * the vision encoder int8 weight-only (MatMulNBits, 8 bits), with a float32 diagnostic graph: what quantizing
     the vision tower would cost (scr-export keeps it float32).
@@ -68,10 +69,9 @@ def main() -> int:
     work = Path(args.work or tempfile.mkdtemp(prefix="scr-plan-"))
     work.mkdir(parents=True, exist_ok=True)
     log = lambda m: print(f"[plan] {m}", file=sys.stderr)  # noqa: E731
-    dirs = {"fp32 (float diagnostic)": work / "fp32"}
-    for p in ("int8", "int4", "fp8"):
-        dirs[f"{p}, diagnostic quantized"] = work / p
-    dirs["vision int8 weight-only"] = work / "vision-int8"
+    dirs = {"fp32 (float diagnostic)": work / "fp32", "int8, diagnostic int8": work / "int8",
+            "fp8, diagnostic fp8": work / "fp8", "int4, diagnostic int4": work / "int4-same",
+            "int4, diagnostic w8 (default)": work / "int4", "vision int8 weight-only": work / "vision-int8"}
     for name, d in dirs.items():
         if d.exists():
             continue
@@ -81,7 +81,8 @@ def main() -> int:
         elif d.name == "vision-int8":
             vision_int8(work / "fp32", d)
         else:
-            convert_quantized(args.model, d, spec=QuantizeSpec(d.name), progress=log)
+            precision, _, diag = d.name.partition("-")
+            convert_quantized(args.model, d, spec=QuantizeSpec(precision, diagnostic=diag or "auto"), progress=log)
     examples = load_calibration_data(ROOT / "examples" / "calibration").samples
     images = [s.image for s in examples] + synthetic_images(max(0, args.images - len(examples)))
     images = images[: args.images]

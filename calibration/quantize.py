@@ -26,10 +26,16 @@ from typing import Any
 from scr_export.errors import SCRExportError
 
 from .data import CalibrationSet, load_calibration_data
-from .recipe import INT4_ACCURACY_LEVEL, INT4_BLOCK_SIZE, PRECISIONS, check_quantized, linear_matmuls, to_quantize
+from .recipe import (INT4_ACCURACY_LEVEL, INT4_BLOCK_SIZE, PRECISIONS, check_quantized, linear_matmuls,
+                     quantize_int8_or_fp8, quantize_weight_only, to_quantize)
 
 QUANT_OPSET = 21   # blocked int4 and float8 Q/DQ need 21; exporting at 21 keeps the SCR function's opset equal
-DIAGNOSTIC_CHOICES = ("same", "float")
+DIAGNOSTIC_CHOICES = ("auto", "same", "w8", "float")
+# what the diagnostic graph becomes by default, per (precision, target): the plan's stability measured on
+# small-llava (README, "Quantized models"): int8 Q/DQ keeps source Jaccard 0.955, int4 0.77 (too far: the diagnostic
+# then takes int8 weight-only blocks, or stays float32 for TensorRT, which ORT's tools give no 8-bit weight-only file)
+DIAGNOSTIC_DEFAULT = {("int8", "onnx"): "same", ("int8", "trt"): "same", ("fp8", "onnx"): "same",
+                      ("fp8", "trt"): "same", ("int4", "onnx"): "w8", ("int4", "trt"): "float"}
 
 
 @dataclasses.dataclass
@@ -39,13 +45,19 @@ class QuantizeSpec:
     calib_data: str | Path | None = None
     calib_samples: int | None = None
     decode_steps: int = 4
-    diagnostic: str = "same"             # quantize the diagnostic graph like the decoder ("same") or keep it float
+    diagnostic: str = "auto"             # the diagnostic graph: like the decoder, int8 weight-only, or float32
     int4_accuracy_level: int = INT4_ACCURACY_LEVEL
     calibration: CalibrationSet | None = None   # filled by check()
 
     @property
     def int4_format(self) -> str:
         return "matmulnbits" if self.target == "onnx" else "qdq"
+
+    @property
+    def diagnostic_precision(self) -> str:
+        """int8 | int4 | fp8 (like the decoder), w8 (int8 weight-only) or float."""
+        choice = DIAGNOSTIC_DEFAULT[(self.precision, self.target)] if self.diagnostic == "auto" else self.diagnostic
+        return self.precision if choice == "same" else choice
 
     @property
     def needs_calibration(self) -> bool:
@@ -62,6 +74,9 @@ class QuantizeSpec:
         if self.diagnostic not in DIAGNOSTIC_CHOICES:
             raise SCRExportError(f"--diagnostic-precision {self.diagnostic!r} is unknown",
                                  f"use one of {', '.join(DIAGNOSTIC_CHOICES)}")
+        if self.diagnostic == "w8" and self.target != "onnx":
+            raise SCRExportError("--diagnostic-precision w8 (MatMulNBits) is for ONNX Runtime only",
+                                 "use same or float with --to trt")
         if self.int4_accuracy_level not in (0, 1, 2, 3, 4):
             raise SCRExportError(f"--int4-accuracy-level {self.int4_accuracy_level} is not 0..4",
                                  "use 4 (int8 activations, fast on CPU) or 1 (float32 activations)")
@@ -130,7 +145,10 @@ class Quantizer:
 
         spec = self.spec
         t0 = time.perf_counter()
-        graphs = ["decoder"] + (["diagnostic"] if spec.diagnostic == "same" else [])
+        precision_of = {"decoder": spec.precision}
+        if spec.diagnostic_precision != "float":
+            precision_of["diagnostic"] = spec.diagnostic_precision
+        graphs = list(precision_of)
         files = {g: tmp / GRAPH_FILES[g] for g in graphs}
         record: dict[str, Any] = {
             "precision": spec.precision, "target": spec.target, "tool": f"onnxruntime {onnxruntime.__version__}",
@@ -148,7 +166,7 @@ class Quantizer:
             if spec.calibration.synthetic:
                 self.progress("WARNING: calibrating on the built-in synthetic images (pass --calib-data for real "
                               "calibration)")
-            for g in graphs:
+            for g in [g for g in graphs if precision_of[g] in ("int8", "fp8")]:
                 quant, _ = to_quantize(files[g])
                 lin = linear_matmuls(files[g])
                 tensors = sorted({lin[n]["activation"] for n in quant})
@@ -173,25 +191,24 @@ class Quantizer:
             src = files[g]
             quant, keep = to_quantize(src)
             dst = qdir / src.name
-            self.progress(f"quantizing {g}: {len(quant)} linear layers to {spec.precision}"
-                          + (f" ({spec.int4_format})" if spec.precision == "int4" else "")
+            prec = precision_of[g]
+            bits = {"int4": 4, "w8": 8}.get(prec)
+            fmt = spec.int4_format if prec == "int4" else "matmulnbits" if prec == "w8" else "qdq"
+            level = spec.int4_accuracy_level if prec == "int4" else 1
+            self.progress(f"quantizing {g}: {len(quant)} linear layers to "
+                          + {"w8": "int8 weight-only"}.get(prec, prec) + (f" ({fmt})" if bits else "")
                           + f", {len(keep)} kept float (lm_head)")
-            if spec.precision == "int4":
-                from .recipe import quantize_int4
-
-                quantize_int4(src, dst, spec.int4_format, spec.int4_accuracy_level)
+            if bits:
+                quantize_weight_only(src, dst, fmt, accuracy_level=level, bits=bits)
             else:
-                from .recipe import quantize_int8_or_fp8
-
-                quantize_int8_or_fp8(src, dst, tmp / record["calibration"]["graphs"][g]["ranges"], spec.precision)
-            fmt = spec.int4_format if spec.precision == "int4" else "qdq"
+                quantize_int8_or_fp8(src, dst, tmp / record["calibration"]["graphs"][g]["ranges"], prec)
             first, last = manifest["scr"]["layers"]
-            structure = check_quantized(dst, spec.precision, fmt, quant, keep, last - first + 1 if g == "decoder" else None)
+            structure = check_quantized(dst, "int8" if prec == "w8" else prec, fmt, quant, keep,
+                                        last - first + 1 if g == "decoder" else None, bits=bits or 4)
             _replace_graph(dst, src)
-            record["graphs"][g] = {"format": fmt, **structure,
-                                   **({"block_size": INT4_BLOCK_SIZE} if spec.precision == "int4" else {}),
-                                   **({"accuracy_level": spec.int4_accuracy_level}
-                                      if spec.precision == "int4" and fmt == "matmulnbits" else {})}
+            record["graphs"][g] = {"precision": prec, "format": fmt, **structure,
+                                   **({"bits": bits, "block_size": INT4_BLOCK_SIZE} if bits else {}),
+                                   **({"accuracy_level": level} if fmt == "matmulnbits" else {})}
         shutil.rmtree(qdir)
         record["seconds"] = round(time.perf_counter() - t0, 1)
         manifest["precision"] = spec.precision
@@ -213,6 +230,9 @@ def convert_quantized(model: str, out: str | Path, *, spec: QuantizeSpec, config
     from scr_export.convert import _stderr, check_out_dir, convert_to_onnx
 
     progress = progress or _stderr
+    if exporter != "dynamo":
+        raise SCRExportError(f"--exporter {exporter} cannot export the opset-{QUANT_OPSET} graphs quantization needs",
+                             "use --exporter dynamo (the default) with --precision int8 / int4 / fp8")
     spec.check(progress)
     check_out_dir(Path(out), force)
     quantizer = Quantizer(spec, progress)

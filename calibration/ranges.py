@@ -46,10 +46,10 @@ def cache_key(**parts: Any) -> str:
 
 
 def calibrate(model_path: Path, reader: Any, method: CalibrationMethod, tensors: list[str] | None = None,
-              symmetric: bool = True) -> TensorsData:
+              symmetric: bool = True, op_types: list[str] | None = ("MatMul",)) -> TensorsData:
     """Run ONNX Runtime's calibrator for ``method`` over ``reader``. ``tensors`` limits what is calibrated to the
     activation inputs of the MatMuls that will be quantized (fewer augmented outputs, less memory per feed);
-    default: every MatMul input and output, as ORT does."""
+    default: every input and output of ``op_types`` nodes (None: of every node), as ORT does."""
     from onnxruntime.quantization import calibrate as C
 
     classes = {CalibrationMethod.MinMax: C.MinMaxCalibrater, CalibrationMethod.Distribution: C.DistributionCalibrater,
@@ -69,7 +69,7 @@ def calibrate(model_path: Path, reader: Any, method: CalibrationMethod, tensors:
             return (chosen if wanted is None else {t for t in chosen if t in wanted}), value_infos
 
     with tempfile.TemporaryDirectory(prefix="scr-calib-") as tmp:
-        calibrator = Selected(Path(model_path), ["MatMul"], str(Path(tmp) / "aug.onnx"),
+        calibrator = Selected(Path(model_path), list(op_types) if op_types else None, str(Path(tmp) / "aug.onnx"),
                               use_external_data_format=True, **kwargs)
         calibrator.augment_graph()
         calibrator.execution_providers = ["CPUExecutionProvider"]

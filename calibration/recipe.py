@@ -122,9 +122,10 @@ def _quantize_static(quantize_static, src, dst, ranges, precision, qtype, quant,
                        "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1}})
 
 
-def quantize_int4(src: Path, dst: Path, fmt: str, accuracy_level: int = INT4_ACCURACY_LEVEL,
-                  block_size: int = INT4_BLOCK_SIZE) -> None:
-    """Weight-only 4-bit, symmetric blocks along K: ``fmt`` "matmulnbits" (ORT) or "qdq" (TensorRT)."""
+def quantize_weight_only(src: Path, dst: Path, fmt: str, accuracy_level: int = INT4_ACCURACY_LEVEL,
+                         block_size: int = INT4_BLOCK_SIZE, bits: int = 4) -> None:
+    """Weight-only, symmetric blocks along K: ``fmt`` "matmulnbits" (ORT; 4 or 8 bits) or "qdq" (TensorRT; 4 bits,
+    the only width ORT's quantizer writes as blocked Q/DQ)."""
     from onnxruntime.quantization import QuantFormat
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
@@ -135,8 +136,8 @@ def quantize_int4(src: Path, dst: Path, fmt: str, accuracy_level: int = INT4_ACC
     level = accuracy_level if fmt == "matmulnbits" else None
     model = onnx.load(str(src))  # weights needed: they are rewritten
     cfg = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True, accuracy_level=level,
-                                       quant_format=qf, op_types_to_quantize=("MatMul",))
-    q = MatMulNBitsQuantizer(model, bits=4, block_size=block_size, is_symmetric=True, accuracy_level=level,
+                                       quant_format=qf, op_types_to_quantize=("MatMul",), bits=bits)
+    q = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=True, accuracy_level=level,
                              nodes_to_exclude=keep, nodes_to_include=quant, quant_format=qf,
                              op_types_to_quantize=("MatMul",), algo_config=cfg)
     with _QuietRoot():
@@ -149,7 +150,7 @@ _QDQ = ("QuantizeLinear", "DequantizeLinear")
 
 
 def check_quantized(path: Path, precision: str, fmt: str, expected: list[str], kept: list[str],
-                    scr_layers: int | None) -> dict[str, Any]:
+                    scr_layers: int | None, bits: int = 4) -> dict[str, Any]:
     """Assert the SCR-safe rules on a quantized graph; returns counts for the manifest.
 
     - the SCR nodes (``scr_layers`` of them; None for graphs without SCR) and their function body are intact, the
@@ -217,7 +218,7 @@ def check_quantized(path: Path, precision: str, fmt: str, expected: list[str], k
     for name in expected:
         # the weight-only quantizer renames what it rewrites: <name>_Q4 (MatMulNBits), <name>_matmul_Q4 (Q/DQ)
         if fmt == "matmulnbits":
-            m = by_name.get(f"{name}_Q4")
+            m = by_name.get(f"{name}_Q{bits}")
             ok = name not in by_name and m is not None and m.op_type == "MatMulNBits"
         else:
             n = by_name.get(name) or by_name.get(f"{name}_matmul_Q4")

@@ -43,6 +43,60 @@ def pick_providers(device: str = "auto") -> list[str]:
     return ["CPUExecutionProvider"]
 
 
+def _x86() -> bool:
+    import platform
+
+    return platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
+
+
+def _accuracy_level_1(model) -> None:
+    """MatMulNBits nodes compute with float32 activations (the engine-only reference)."""
+    import onnx
+
+    for n in model.graph.node:
+        if n.op_type == "MatMulNBits":
+            levels = [a for a in n.attribute if a.name == "accuracy_level"]
+            if levels:
+                levels[0].i = 1
+            else:
+                n.attribute.append(onnx.helper.make_attribute("accuracy_level", 1))
+
+
+def _uint8_activations(model) -> None:
+    """Symmetric int8 activation Q/DQ pairs -> uint8 with zero point 128: q_u8 = q_s8 + 128 represents exactly the
+    same values ((q_u8 - 128) * scale), so results are identical, and ONNX Runtime's x86 CPU kernels fuse them
+    (MatMulIntegerToFloat). Weight DequantizeLinear nodes (constant int8 inputs) are left as they are."""
+    import numpy as np
+    from onnx import TensorProto, numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    consumers: dict[str, list] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    zp_u8: dict[str, str] = {}
+    for q in [n for n in model.graph.node if n.op_type == "QuantizeLinear"]:
+        if len(q.input) < 3 or q.input[2] not in inits or q.input[0] in inits:
+            continue
+        zp = inits[q.input[2]]
+        users = consumers.get(q.output[0], [])
+        if zp.data_type != TensorProto.INT8 or np.any(numpy_helper.to_array(zp)) or not users or \
+                any(u.op_type != "DequantizeLinear" or len(u.input) < 3 or u.input[2] != q.input[2] for u in users):
+            continue
+        name = zp_u8.get(zp.name)
+        if name is None:
+            name = zp_u8[zp.name] = f"{zp.name}_u8"
+            model.graph.initializer.append(
+                numpy_helper.from_array(np.full(numpy_helper.to_array(zp).shape, 128, np.uint8), name))
+        q.input[2] = name
+        for u in users:
+            u.input[2] = name
+    used = {i for n in model.graph.node for i in n.input}
+    stale = [i for i in model.graph.initializer if i.name in zp_u8 and i.name not in used]
+    for i in stale:
+        model.graph.initializer.remove(i)
+
+
 def check_fp8_gpu() -> None:
     """fp8 Q/DQ graphs on the CUDA provider need an fp8 GPU (Ada sm_89, Hopper sm_90 or newer)."""
     try:
@@ -102,8 +156,15 @@ class OrtVLM:
         self._tmp = None
         for name, info in self.manifest["graphs"].items():
             path = self.dir / info["file"]
-            if unfused and (quant.get("graphs", {}).get(name, {}).get("format") == "matmulnbits"):
-                path = self._accuracy_level_1(path)
+            gq = quant.get("graphs", {}).get(name, {})
+            fmt = gq.get("format")
+            if unfused and fmt == "matmulnbits":
+                path = self._rewritten(path, _accuracy_level_1)
+            elif (not unfused and fmt == "qdq" and gq.get("precision", quant.get("precision")) == "int8"
+                  and self.providers[0] == "CPUExecutionProvider" and _x86()):
+                # ONNX Runtime fuses int8 activations into its int8 kernels only on ARM; on x86 it wants uint8.
+                # The same values with zero point 128 are exactly the same arithmetic, so the file stays one
+                path = self._rewritten(path, _uint8_activations)
             try:
                 self.sessions[name] = ort.InferenceSession(str(path), opts, providers=self.providers)
             except Exception as exc:  # ORT raises its own exception types for bad files
@@ -116,23 +177,17 @@ class OrtVLM:
         if unfused:
             self.provider += ", quantized kernels off (engine reference)"
 
-    def _accuracy_level_1(self, path: Path) -> Path:
-        """A copy of a MatMulNBits graph whose nodes compute with float32 activations (accuracy_level 1); the
-        weights file is linked, not copied."""
+    def _rewritten(self, path: Path, edit) -> Path:
+        """A copy of graph ``path`` changed by ``edit(model)`` in a private directory; the weights file is linked
+        (or copied across file systems), never changed."""
         import tempfile
 
         import onnx
 
         if self._tmp is None:
-            self._tmp = tempfile.TemporaryDirectory(prefix="scr-unfused-")
+            self._tmp = tempfile.TemporaryDirectory(prefix="scr-ort-")
         model = onnx.load(str(path), load_external_data=False)
-        for n in model.graph.node:
-            if n.op_type == "MatMulNBits":
-                for a in n.attribute:
-                    if a.name == "accuracy_level":
-                        a.i = 1
-                if not any(a.name == "accuracy_level" for a in n.attribute):
-                    n.attribute.append(onnx.helper.make_attribute("accuracy_level", 1))
+        edit(model)
         out = Path(self._tmp.name) / path.name
         onnx.save(model, str(out))
         for data in path.parent.glob(path.name + "*.data"):

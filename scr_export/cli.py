@@ -245,8 +245,9 @@ class Convert(Command):
         q.add_argument("--calib-samples", type=int, metavar="N", help="use at most N pairs (default: all; 8 synthetic)")
         q.add_argument("--calib-decode-steps", type=int, default=4, metavar="N",
                        help="greedy decode steps per pair fed to the calibrator after the prefill (default 4)")
-        q.add_argument("--diagnostic-precision", choices=["same", "float"], default="same",
-                       help="quantize the diagnostic graph like the decoder (default) or keep it float32")
+        q.add_argument("--diagnostic-precision", choices=["auto", "same", "w8", "float"], default="auto",
+                       help="the diagnostic graph: like the decoder (same), int8 weight-only (w8, ONNX Runtime), or "
+                            "float32; auto: same for int8/fp8, w8 for int4 on onnx, float for int4 on trt")
         q.add_argument("--int4-accuracy-level", type=int, default=4, metavar="L",
                        help="MatMulNBits compute type on ONNX Runtime: 4 = int8 activations (default, fast on CPU), "
                             "1 = float32 activations")

@@ -153,7 +153,7 @@ class ParityReport:
         rows.append(f"plan: identical={self.plan_identical}  source Jaccard={self.plan_jaccard:.3f}   "
                     f"SCR effect cosine={self.scr_effect_cosine:.6f}   greedy tokens identical={self.greedy_identical}")
         if not self.plan_identical and self.scr_effect_cosine_same_plan is not None:
-            rows.append(f"SCR effect cosine with the reference's plan (engine error without plan flips, not gated)="
+            rows.append(f"SCR effect cosine with the reference's plan (the engine's error without plan flips)="
                         f"{self.scr_effect_cosine_same_plan:.6f}")
         rows.append(f"precision {self.precision}, provider {self.provider}: "
                     + ("PASS" if self else "FAIL\n  " + "\n  ".join(self.failures)))
