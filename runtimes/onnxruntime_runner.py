@@ -228,7 +228,16 @@ class OrtVLM:
         return self.sessions[name].run(outputs, feed)
 
     def _wanted(self, name: str) -> set[str]:
-        return {i.name for i in self.sessions[name].get_inputs()}
+        cache = self.__dict__.setdefault("_wanted_cache", {})
+        if name not in cache:
+            cache[name] = {i.name for i in self.sessions[name].get_inputs()}
+        return cache[name]
+
+    def _run_decoder(self, feed: dict[str, Any]) -> dict[str, Any]:
+        """One decoder call, outputs by name. (I/O binding of the KV cache was measured here: no gain on the CPU
+        provider, 2.4-2.7 vs 2.4-3.4 ms a step, so the plain call stays.)"""
+        names = [o.name for o in self.sessions["decoder"].get_outputs()]
+        return dict(zip(names, self._run("decoder", feed)))
 
     def embed(self, inputs: VLMInputs) -> np.ndarray:
         """inputs_embeds [B, T, D]: token embeddings with the image features (or VQ ids) put at the image tokens."""
@@ -313,8 +322,7 @@ class OrtVLM:
         am = inputs.attention_mask.numpy()
         feed = {"inputs_embeds": embeds, "attention_mask": am, "position_ids": positions, **self._past(batch),
                 "scr_donor": plan.donor, "scr_scale": plan.scale, "scr_weight": plan.weight}
-        names = [o.name for o in self.sessions["decoder"].get_outputs()]
-        outs = dict(zip(names, self._run("decoder", feed)))
+        outs = self._run_decoder(feed)
         prefill = outs["logits"].astype(np.float32) if keep_prefill_logits else None
         last = outs["logits"][:, -1].astype(np.float32)
         eos = fam.tokenizer.eos_token_id
@@ -348,7 +356,7 @@ class OrtVLM:
             for i in range(self.num_layers):
                 for k in ("key", "value"):
                     feed[f"past_key_values.{i}.{k}"] = outs[f"present.{i}.{k}"]
-            outs = dict(zip(names, self._run("decoder", feed)))
+            outs = self._run_decoder(feed)
             last = outs["logits"][:, -1].astype(np.float32)
         toks = np.stack(tokens, axis=1) if tokens else np.zeros((batch, 0), np.int64)
         texts = [fam.tokenizer.decode([t for t in row if t not in (pad, eos)]) for row in toks.tolist()]

@@ -111,8 +111,11 @@ class TrtVLM(OrtVLM):
                                  "or use ONNX Runtime on the same directory with --runtime onnx")
         import_tensorrt()
         self.providers = ["TensorRT"]
+        self.recorder = None
+        self.unfused = False
         self.sessions = {g: TrtSession(self.dir / info["file"], trt_info["profiles"][g])
                          for g, info in engines["graphs"].items()}
+        self._input_types = {g: {} for g in self.sessions}  # the engines' own types: TrtSession casts
         self.scr_kernel = f"TensorRT {engines['graphs']['decoder']['scr_path']}"
         self.provider = f"TensorRT {engines['tensorrt']} ({engines.get('gpu', 'GPU')}), SCR nodes: " \
                         f"{'plugin (AOT PTX)' if engines['graphs']['decoder']['scr_path'] == 'plugin' else 'function body'}"
