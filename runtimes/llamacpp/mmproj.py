@@ -49,8 +49,8 @@ def converter_dir(progress=print) -> Path:
         if res.returncode != 0 or not sdists:
             raise SCRExportError("cannot fetch llama.cpp's converter (pip download llama-cpp-python failed: "
                                  f"{res.stderr.strip().splitlines()[-1] if res.stderr.strip() else 'no file'})",
-                                 "set SCR_EXPORT_LLAMA_CPP_SRC to a llama.cpp source tree, or convert without "
-                                 "--mmproj (images then go through the ONNX vision encoder)")
+                                 "set SCR_EXPORT_LLAMA_CPP_SRC to a llama.cpp source tree, or convert with "
+                                 "--images onnx (images then go through the ONNX vision encoder)")
         prefix = f"llama_cpp_python-{LLAMA_CPP_PYTHON}/vendor/llama.cpp/"
         staging = Path(tmp) / "src"
         with tarfile.open(sdists[0]) as tar:
@@ -73,7 +73,7 @@ def write_mmproj(checkpoint: Path, out: Path, progress=print) -> None:
     if res.returncode != 0 or not out.is_file():
         tail = "\n".join(res.stderr.strip().splitlines()[-3:])
         raise SCRExportError(f"llama.cpp's converter could not write the mmproj:\n{tail}",
-                             "convert without --mmproj (images then go through the ONNX vision encoder)")
+                             "convert with --images onnx (images then go through the ONNX vision encoder)")
 
 
 class MtmdImages:
