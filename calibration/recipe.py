@@ -98,7 +98,7 @@ class _QuietRoot:
 
 def quantize_int8_or_fp8(src: Path, dst: Path, ranges: Path, precision: str) -> None:
     """Static QDQ with ranges from ``ranges`` (ORT's calibration-cache JSON; no calibration happens here)."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import QuantType, quantize_static
 
     quant, keep = to_quantize(src)
     qtype = QuantType.QInt8 if precision == "int8" else QuantType.QFLOAT8E4M3FN
