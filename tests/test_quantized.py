@@ -164,11 +164,8 @@ def test_structure_keeps_scr_float(precision, target, quantized, tmp_path):
     assert "function body" in res.stdout
 
 
-def test_structural_check_catches_qdq_on_the_residual_stream(tmp_path):
-    """The checker is not a formality: ONNX Runtime's default op set (Q/DQ on Add, Mul, ...) must be refused."""
-    from calibration.recipe import QuantizationError
-
-    # a float decoder to start from: export again through the fp32 path's pieces
+def _float_decoder(tmp_path: Path) -> Path:
+    """tiny-llava's float decoder with SCR nodes at the quantization opset (the fp32 path's pieces)."""
     from calibration.quantize import QUANT_OPSET
     from graph_passes.insert_redistribution import InsertRedistributionPass
     from graph_passes.io import load_model, save_model
@@ -179,7 +176,14 @@ def test_structural_check_catches_qdq_on_the_residual_stream(tmp_path):
     m = load_model(tmp_path / "raw.onnx")
     InsertRedistributionPass(fam.scr_config().layer_indices())(m)
     save_model(m, tmp_path / "float.onnx")
-    quant, keep = to_quantize(tmp_path / "float.onnx")
+    return tmp_path / "float.onnx"
+
+
+def test_structural_check_catches_qdq_on_the_residual_stream(tmp_path):
+    """The checker is not a formality: a Q/DQ pair on an SCR input, or a linear layer left float, is refused."""
+    from calibration.recipe import QuantizationError
+
+    quant, keep = to_quantize(_float_decoder(tmp_path))
     # a graph with Q/DQ on an SCR input: insert a Q/DQ pair before the first SCR node by hand
     import onnx
     from onnx import helper, numpy_helper
@@ -384,18 +388,9 @@ def test_plugin_rules_refuse_an_int8_scr_input(tmp_path):
     import onnx
     from onnx import helper, numpy_helper
 
-    from calibration.quantize import QUANT_OPSET
-    from graph_passes.insert_redistribution import InsertRedistributionPass
-    from graph_passes.io import load_model, save_model
     from runtimes.tensorrt.plugin_rules import check_plugin_covers
-    from scr_export.onnx_export.decoder import export_decoder
 
-    fam = load("tiny-llava")
-    export_decoder(fam, tmp_path / "raw.onnx", opset=QUANT_OPSET)
-    m = load_model(tmp_path / "raw.onnx")
-    InsertRedistributionPass(fam.scr_config().layer_indices())(m)
-    save_model(m, tmp_path / "float.onnx")
-    assert set(check_plugin_covers(tmp_path / "float.onnx").values()) == {"FP32"}
+    assert set(check_plugin_covers(_float_decoder(tmp_path)).values()) == {"FP32"}
     g = onnx.load(str(tmp_path / "float.onnx"))
     scr = next(n for n in g.graph.node if n.op_type == "SCRNeighbourInject")
     g.graph.initializer.extend([numpy_helper.from_array(np.array(0.05, np.float32), "s"),
