@@ -224,7 +224,7 @@ def _identity(plan: Any) -> bool:
 
 def convert_quantized(model: str, out: str | Path, *, spec: QuantizeSpec, config_overrides: dict | None = None,
                       force: bool = False, progress: Callable[[str], None] | None = None, exporter: str = "dynamo",
-                      trt_limits: Any = None, build: str = "auto"):
+                      trt_limits: Any = None, build: str = "auto", attention: str = "eager"):
     """`convert --precision int8|int4|fp8`: returns (out, report) for --to onnx and (out, report, engines) for trt.
     ``report`` is the validation against the float32 PyTorch model (and the engine-only comparison)."""
     from scr_export.convert import _stderr, check_out_dir, convert_to_onnx
@@ -244,7 +244,7 @@ def convert_quantized(model: str, out: str | Path, *, spec: QuantizeSpec, config
                               config_overrides=config_overrides, force=force, progress=progress, build=build,
                               quantize=quantizer, opset=QUANT_OPSET)
     return convert_to_onnx(model, out, precision=spec.precision, exporter=exporter, config_overrides=config_overrides,
-                           force=force, progress=progress, quantize=quantizer, opset=QUANT_OPSET)
+                           force=force, progress=progress, quantize=quantizer, opset=QUANT_OPSET, attention=attention)
 
 
 __all__ = ["QuantizeSpec", "Quantizer", "convert_quantized", "QUANT_OPSET"]

@@ -233,10 +233,52 @@ class OrtVLM:
         return cache[name]
 
     def _run_decoder(self, feed: dict[str, Any]) -> dict[str, Any]:
-        """One decoder call, outputs by name. (I/O binding of the KV cache was measured here: no gain on the CPU
-        provider, 2.4-2.7 vs 2.4-3.4 ms a step, so the plain call stays.)"""
+        """One decoder call, outputs by name. (I/O binding of the KV cache alone was measured here: no gain on the
+        CPU provider; what pays is not copying the cache at all, the GroupQueryAttention graphs below.)"""
         names = [o.name for o in self.sessions["decoder"].get_outputs()]
         return dict(zip(names, self._run("decoder", feed)))
+
+    @property
+    def shared_kv(self) -> bool:
+        """The decoder uses GroupQueryAttention with one KV buffer per layer that is both past and present."""
+        return self.manifest["graphs"].get("decoder", {}).get("attention") == "gqa"
+
+    def _gqa_cache(self, batch: int, max_len: int) -> dict:
+        """The shared KV buffers (one per layer and kind, past and present at once) and an I/O binding with them
+        bound once; each call rebinds only the step's own inputs."""
+        import onnxruntime as ort
+
+        if batch != 1:
+            raise SCRExportError(f"this directory's decoder (--attention gqa) runs one prompt at a time; got {batch}",
+                                 "run the prompts one by one, or convert with --attention eager for batches")
+        device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
+        shape = (1, self.kv_heads, max_len, self.head_dim)
+        io = self.sessions["decoder"].io_binding()
+        buffers = {}
+        for i in range(self.num_layers):
+            for kind in ("key", "value"):
+                buf = buffers[(i, kind)] = ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self.float_type), device, 0)
+                io.bind_ortvalue_input(f"past_key_values.{i}.{kind}", buf)
+                io.bind_ortvalue_output(f"present.{i}.{kind}", buf)
+        step_inputs = sorted(k for k in self._wanted("decoder") if not k.startswith("past_key_values."))
+        return {"io": io, "buffers": buffers, "max_len": max_len, "inputs": step_inputs}
+
+    def _run_gqa(self, feed: dict[str, Any], cache: dict, total: int) -> np.ndarray:
+        """One decoder call on the shared cache (``total`` = tokens in the cache after this call); returns logits."""
+        if total > cache["max_len"]:
+            raise SCRExportError(f"{total} tokens exceed the KV buffer of {cache['max_len']}",
+                                 "this is a bug in the runner's buffer sizing: report it")
+        feed = {**feed, "seqlens_k": np.full((1,), total - 1, np.int32),
+                "total_sequence_length": np.array(total, np.int32)}
+        if self.recorder is not None:
+            self.recorder("decoder", feed)
+        io, types = cache["io"], self._input_types["decoder"]
+        for k in cache["inputs"]:
+            v = feed[k]
+            io.bind_cpu_input(k, np.ascontiguousarray(v.astype(types[k]) if k in types and v.dtype != types[k] else v))
+        io.bind_output("logits", "cpu")  # rebound each call: its shape changes between prefill and decode
+        self.sessions["decoder"].run_with_iobinding(io)
+        return io.get_outputs()[-1].numpy()
 
     def embed(self, inputs: VLMInputs) -> np.ndarray:
         """inputs_embeds [B, T, D]: token embeddings with the image features (or VQ ids) put at the image tokens."""
@@ -319,15 +361,20 @@ class OrtVLM:
             plan = plan_sequence(inputs.layouts, maps, length, config)
             plan.attention = maps
         am = inputs.attention_mask.numpy()
-        feed = {"inputs_embeds": embeds, "attention_mask": am, "position_ids": positions, **self._past(batch),
+        steps = max_new_tokens if forced_tokens is None else len(forced_tokens[0])
+        feed = {"inputs_embeds": embeds, "attention_mask": am, "position_ids": positions,
                 "scr_donor": plan.donor, "scr_scale": plan.scale, "scr_weight": plan.weight}
-        outs = self._run_decoder(feed)
+        cache = None
+        if self.shared_kv:
+            cache = self._gqa_cache(batch, length + max(steps, 1))
+            outs = {"logits": self._run_gqa(feed, cache, length)}
+        else:
+            outs = self._run_decoder({**feed, **self._past(batch)})
         prefill = outs["logits"].astype(np.float32) if keep_prefill_logits else None
         last = outs["logits"][:, -1].astype(np.float32)
         eos = fam.tokenizer.eos_token_id
         pad = fam.tokenizer.pad_token_id if fam.tokenizer.pad_token_id is not None else eos
         suppressed = fam.suppressed_token_ids()
-        steps = max_new_tokens if forced_tokens is None else len(forced_tokens[0])
         finished = np.zeros(batch, bool)
         tokens, logits = [], []
         mask_t = inputs.attention_mask
@@ -352,6 +399,9 @@ class OrtVLM:
             feed = {"inputs_embeds": self._run("embed_tokens", {"input_ids": nxt[:, None]})[0],
                     "attention_mask": mask_t.numpy(), "position_ids": pos,
                     "scr_donor": identity.donor, "scr_scale": identity.scale, "scr_weight": identity.weight}
+            if cache is not None:
+                last = self._run_gqa(feed, cache, length + step + 1)[:, -1].astype(np.float32)
+                continue
             for i in range(self.num_layers):
                 for k in ("key", "value"):
                     feed[f"past_key_values.{i}.{k}"] = outs[f"present.{i}.{k}"]

@@ -262,6 +262,10 @@ class Convert(Command):
                        help="auto: build where TensorRT and a GPU are present, else write build_engines.sh only")
         p.add_argument("--exporter", choices=["dynamo", "legacy"], default="dynamo",
                        help="torch.onnx exporter for the decoder (default dynamo)")
+        p.add_argument("--attention", choices=["eager", "gqa"], default="eager",
+                       help="--to onnx: the decoder's attention. gqa = ONNX Runtime's GroupQueryAttention with a "
+                            "shared KV buffer (decode steps about 2x faster; one prompt at a time); eager (default) "
+                            "= the exported graph, any batch")
         p.add_argument("--force", action="store_true", help="replace DIR if it exists")
         p.add_argument("--no-fail-on-parity", action="store_true", help="exit 0 even when a parity gate fails")
         g = p.add_argument_group("SCR baked into the graphs (λ and k stay run-time inputs of the plan)")
@@ -280,6 +284,9 @@ class Convert(Command):
         if args.to == "gguf" and precision is not None:
             raise SCRExportError(f"--precision {precision} does not apply to --to gguf: GGUF weight types are "
                                  "chosen with --quant", "use --quant q8_0 (or f32, f16, q4_0, q4_k_m, ...)")
+        if args.attention != "eager" and args.to != "onnx":
+            raise SCRExportError(f"--attention {args.attention} is for --to onnx (ONNX Runtime's contrib op)",
+                                 "drop --attention, or convert with --to onnx")
         if quant_flags and precision not in QUANTIZED:
             raise SCRExportError(f"{' and '.join(quant_flags)} need a quantized precision (got "
                                  f"{precision or 'the default float'})",
@@ -295,7 +302,7 @@ class Convert(Command):
                             max_image_tokens=args.max_image_tokens, max_seq=args.max_seq)
             res = convert_quantized(args.model, args.out, spec=spec, config_overrides=_scr_overrides(args),
                                     force=args.force, progress=_log, exporter=args.exporter, trt_limits=limits,
-                                    build=args.build_engines)
+                                    build=args.build_engines, attention=args.attention)
             print(_tables(res[1]))
             if args.to == "trt" and res[2] is None:
                 print(f"TensorRT engines: NOT built here; run {res[0] / 'build_engines.sh'} on the target device")
@@ -323,7 +330,8 @@ class Convert(Command):
             print(_tables(reports))
             return 0 if _passed(reports) or args.no_fail_on_parity else 1
         _, report = convert_to_onnx(args.model, args.out, precision=args.precision or "fp32", exporter=args.exporter,
-                                    config_overrides=_scr_overrides(args), force=args.force, progress=_log)
+                                    config_overrides=_scr_overrides(args), force=args.force, progress=_log,
+                                    attention=args.attention)
         print(report.table())
         return 0 if report or args.no_fail_on_parity else 1
 

@@ -169,3 +169,53 @@ def test_cuda_request_without_a_gpu_is_a_clear_error(converted, tmp_path):
     make_image().save(image)
     res = run_cli("run", str(out), "--image", str(image), "--prompt", "hi", "--device", "cuda")
     assert res.returncode == 2 and "CUDA execution provider is not available" in res.stderr and "fix:" in res.stderr
+
+
+@pytest.fixture(scope="session")
+def converted_gqa(tmp_path_factory):
+    done: dict = {}
+
+    def get(family: str):
+        if family not in done:
+            out = tmp_path_factory.mktemp("gqa") / family
+            done[family] = convert_to_onnx(TINY_PRESETS[family], out, attention="gqa", progress=lambda m: None)
+        return done[family]
+
+    return get
+
+
+def test_group_query_attention_decoder_passes_the_fp32_gates(family_name, converted_gqa):
+    """--attention gqa: ONNX Runtime's GroupQueryAttention on a shared KV buffer instead of the exported eager
+    attention: the same fp32 gates (plan, greedy tokens, max rel. error <= 1e-4), no Concat of the cache left, SCR
+    nodes intact."""
+    import onnx
+
+    out, report = converted_gqa(family_name)
+    assert report, report.table()
+    m = onnx.load(str(out / "decoder_model_merged.onnx"), load_external_data=False)
+    ops = [n.op_type for n in m.graph.node]
+    n_layers = json.loads((out / "manifest.json").read_text())["decoder"]["num_layers"]
+    assert ops.count("GroupQueryAttention") == n_layers and "Softmax" not in ops
+    producers = {o: n.op_type for n in m.graph.node for o in n.output}
+    assert all(producers[f"present.{i}.key"] == "GroupQueryAttention" for i in range(n_layers))
+    assert ops.count("SCRNeighbourInject") == 2
+    # the diagnostic graph keeps eager attention (it needs the probabilities)
+    diag = onnx.load(str(out / "diagnostic.onnx"), load_external_data=False)
+    assert "Softmax" in {n.op_type for n in diag.graph.node}
+
+
+def test_group_query_attention_decoder_on_a_new_image_and_one_prompt_at_a_time(converted_gqa):
+    out, _ = converted_gqa("qwen2_vl")
+    runner = OrtVLM(out, device="cpu")
+    vlm = load(TINY_PRESETS["qwen2_vl"])
+    inputs = runner.encode([[make_image(150, 190, seed=11)]], ["Is there a red block?"])
+    ref = generate(vlm, inputs, runner.config, max_new_tokens=12, stop_at_eos=False, keep_prefill_logits=True)
+    got = runner.generate(inputs, max_new_tokens=12, stop_at_eos=False, keep_prefill_logits=True)
+    assert got.tokens.tolist() == ref.tokens.tolist()
+    rel = np.abs(got.prefill_logits - ref.prefill_logits).max() / np.abs(ref.prefill_logits).max()
+    assert rel <= 1e-4
+    two = runner.encode([[make_image()], [make_image(seed=2)]], ["Describe.", "Is there a red block?"])
+    from scr_export.errors import SCRExportError
+
+    with pytest.raises(SCRExportError, match="one prompt at a time"):
+        runner.generate(two, max_new_tokens=2)

@@ -1,0 +1,123 @@
+"""Replace the decoder's eager attention by ONNX Runtime's ``com.microsoft::GroupQueryAttention`` with a shared KV
+buffer (ONNX Runtime only; TensorRT and the diagnostic graph keep eager attention).
+
+The exported decoder computes ``present = Concat(past, new)`` at every step: a copy of the whole KV cache per token,
+32 % of an int4 decode step on small-llava. GroupQueryAttention writes the new rows into a preallocated buffer that
+is both ``past`` and ``present`` (bound to the same memory by the runner), and does the head grouping, the causal
+mask and the softmax itself. Rotary embeddings (M-RoPE included) and q/k norms stay where the exporter put them:
+the op receives the rotated q and k.
+
+Per layer, in the exported graph: ``present.i.key = Concat(past_key_values.i.key, k_rot)`` and likewise for the value;
+the attention MatMul reading the (expanded) key gives q_rot, and the Reshape after ``MatMul(probs, value)`` is the
+attention output. Those are rewired to one GroupQueryAttention node; what fed only them is removed.
+
+New decoder inputs: ``seqlens_k`` int32 [batch] (valid tokens − 1) and ``total_sequence_length`` int32 scalar.
+Padding is not modelled (the op assumes right padding): the runner uses these graphs for one prompt at a time.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+SEQLENS = "seqlens_k"
+TOTAL = "total_sequence_length"
+_THROUGH = ("Unsqueeze", "Expand", "Reshape", "Transpose")
+
+
+class AttentionPatternError(ValueError):
+    """The decoder's attention does not have the shape this pass rewrites."""
+
+
+def fuse_group_query_attention(src: Path, dst: Path, num_layers: int, num_heads: int, kv_heads: int,
+                               head_dim: int) -> int:
+    """Rewrite ``src`` into ``dst`` (the weights file stays ``src``'s, named in ``dst``'s external data: write
+    ``dst`` beside it). Returns the number of attention blocks replaced (= num_layers)."""
+    import numpy as np
+    import onnx
+    import onnx_ir as ir
+    from onnx import TensorProto, helper, numpy_helper
+    from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
+
+    m = onnx.load(str(src), load_external_data=False)
+    g = m.graph
+    if any(i.name == SEQLENS for i in g.input):
+        raise AttentionPatternError(f"{Path(src).name} already has GroupQueryAttention inputs")
+    producer = {o: n for n in g.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    inits = {i.name: i for i in g.initializer}
+    constant_nodes = {n.output[0]: n.attribute[0].t for n in g.node
+                      if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"}
+
+    def const(name: str):
+        """A constant's value (initializers may live in the external data file beside ``src``)."""
+        if name in constant_nodes:
+            return numpy_helper.to_array(constant_nodes[name])
+        if name in inits:
+            return numpy_helper.to_array(inits[name], base_dir=str(Path(src).parent))
+        return None
+
+    def reach(name: str, target: str):
+        for c in consumers.get(name, []):
+            if c.op_type == target:
+                return c
+            if c.op_type in _THROUGH:
+                found = reach(c.output[0], target)
+                if found is not None:
+                    return found
+        return None
+
+    def only(name: str, op: str):
+        cs = [c for c in consumers.get(name, []) if c.op_type == op]
+        if len(cs) != 1:
+            raise AttentionPatternError(f"expected one {op} after {name}, found {len(cs)}")
+        return cs[0]
+
+    removed, added = set(), []
+    g.initializer.append(numpy_helper.from_array(np.array([0, 0, -1], np.int64), "gqa_flat_shape"))
+    for i in range(num_layers):
+        ck, cv = producer.get(f"present.{i}.key"), producer.get(f"present.{i}.value")
+        if ck is None or cv is None or ck.op_type != "Concat" or cv.op_type != "Concat":
+            raise AttentionPatternError(f"layer {i}: present.{i}.key/value are not Concat(past, new)")
+        scores = reach(f"present.{i}.key", "MatMul")
+        context = reach(f"present.{i}.value", "MatMul")
+        if scores is None or context is None:
+            raise AttentionPatternError(f"layer {i}: no attention MatMul reads the key/value cache")
+        scale_mul = next((c for c in consumers.get(scores.output[0], []) if c.op_type in ("Mul", "Div")), None)
+        scale = 1.0 / math.sqrt(head_dim)
+        value = const(scale_mul.input[1]) if scale_mul is not None else None
+        if value is not None and np.asarray(value).size == 1:
+            v = float(np.asarray(value).reshape(-1)[0])
+            scale = v if scale_mul.op_type == "Mul" else 1.0 / v
+        out = only(only(context.output[0], "Transpose").output[0], "Reshape")
+
+        def flat(x: str, tag: str) -> str:
+            t = helper.make_node("Transpose", [x], [f"gqa_{i}_{tag}_bshd"], perm=[0, 2, 1, 3], name=f"gqa_{i}_{tag}_t")
+            r = helper.make_node("Reshape", [t.output[0], "gqa_flat_shape"], [f"gqa_{i}_{tag}"], name=f"gqa_{i}_{tag}_r")
+            added.extend([t, r])
+            return r.output[0]
+
+        q, k, v = flat(scores.input[0], "q"), flat(ck.input[1], "k"), flat(cv.input[1], "v")
+        added.append(helper.make_node(
+            "GroupQueryAttention", [q, k, v, ck.input[0], cv.input[0], SEQLENS, TOTAL],
+            [out.output[0], f"present.{i}.key", f"present.{i}.value"], domain="com.microsoft",
+            name=f"gqa_{i}", num_heads=num_heads, kv_num_heads=kv_heads, scale=scale))
+        removed.update({id(ck), id(cv), id(out)})
+    kept = [n for n in g.node if id(n) not in removed]
+    del g.node[:]
+    g.node.extend(kept + added)
+    g.input.extend([helper.make_tensor_value_info(SEQLENS, TensorProto.INT32, ["batch"]),
+                    helper.make_tensor_value_info(TOTAL, TensorProto.INT32, [])])
+    if not any(o.domain == "com.microsoft" for o in m.opset_import):
+        m.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    model = ir.from_proto(m)
+    RemoveUnusedNodesPass()(model)
+    TopologicalSortPass()(model)
+    left = [n for n in model.graph if n.op_type == "Softmax"]
+    if left:
+        raise AttentionPatternError(f"{len(left)} eager Softmax nodes are left after the rewrite")
+    onnx.save(ir.to_proto(model), str(dst))
+    return num_layers
