@@ -39,6 +39,7 @@ def main() -> int:
     from calibration.data import load_calibration_data
     from calibration.reader import SCRCalibrationReader
     from calibration.recipe import _QuietRoot, _scr_nodes, _load, linear_matmuls, to_quantize
+    from graph_passes.edges import tensor_edges
     from runtimes.onnxruntime_runner import OrtVLM
     from scr_export.convert import convert_to_onnx
     from scr_export.loading import load_vlm
@@ -98,7 +99,7 @@ def main() -> int:
         with _QuietRoot():
             quantize_static(str(dec), str(d / "decoder_model_merged.onnx"), None, **common, **kw)
         m = _load(d / "decoder_model_merged.onnx")
-        producer = {o: n for n in m.graph.node for o in n.output}
+        producer, _ = tensor_edges(m.graph)
         touching = sum(1 for n in m.graph.node if n.op_type in ("Add", "SCRNeighbourInject")
                        and any(producer.get(i) is not None and producer[i].op_type == "DequantizeLinear"
                                for i in n.input))

@@ -26,8 +26,10 @@ from typing import Any
 from scr_export.errors import SCRExportError
 
 from .data import CalibrationSet, load_calibration_data
-from .recipe import (INT4_ACCURACY_LEVEL, INT4_BLOCK_SIZE, PRECISIONS, check_quantized, linear_matmuls,
-                     quantize_int8_or_fp8, quantize_weight_only, to_quantize)
+from scr_export.convert import QUANTIZED as PRECISIONS
+
+from .recipe import (INT4_ACCURACY_LEVEL, INT4_BLOCK_SIZE, check_quantized, linear_matmuls, quantize_int8_or_fp8,
+                     quantize_weight_only, to_quantize)
 
 QUANT_OPSET = 21   # blocked int4 and float8 Q/DQ need 21; exporting at 21 keeps the SCR function's opset equal
 DIAGNOSTIC_CHOICES = ("auto", "same", "w8", "float")

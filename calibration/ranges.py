@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -121,9 +120,6 @@ def extreme(t: Any) -> float:
         edges = np.asarray(t.hist_edges, np.float64)
         lo, hi = edges[0], edges[-1]
     return float(max(np.abs(lo).max(), np.abs(hi).max()))
-
-
-_LAYER = re.compile(r"layers\.(\d+)")
 
 
 def layer_of_tensor(model_path: Path) -> dict[str, int]:

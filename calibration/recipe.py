@@ -21,10 +21,9 @@ import re
 from pathlib import Path
 from typing import Any
 
+from graph_passes.edges import tensor_edges
 from graph_passes.scr_op import DOMAIN, OP_TYPE, PLAN_INPUTS
 from scr_export.errors import SCRExportError
-
-PRECISIONS = ("int8", "int4", "fp8")
 INT4_BLOCK_SIZE = 32
 # MatMulNBits compute type on ORT CPU: 4 = int8 activations per block (VNNI/AVX2 kernels). Measured on small-llava
 # (README, "Quantized models"): it meets the int4 gates and decodes faster than fp32 activations (level 1).
@@ -167,11 +166,7 @@ def check_quantized(path: Path, precision: str, fmt: str, expected: list[str], k
 
     model = _load(path)
     g = model.graph
-    producer = {o: n for n in g.node for o in n.output}
-    consumers: dict[str, list] = {}
-    for n in g.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    producer, consumers = tensor_edges(g)
     inits = {i.name: i for i in g.initializer}
     problems = []
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)

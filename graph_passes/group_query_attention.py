@@ -20,6 +20,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from .edges import tensor_edges
+
 SEQLENS = "seqlens_k"
 TOTAL = "total_sequence_length"
 _THROUGH = ("Unsqueeze", "Expand", "Reshape", "Transpose")
@@ -43,11 +45,7 @@ def fuse_group_query_attention(src: Path, dst: Path, num_layers: int, num_heads:
     g = m.graph
     if any(i.name == SEQLENS for i in g.input):
         raise AttentionPatternError(f"{Path(src).name} already has GroupQueryAttention inputs")
-    producer = {o: n for n in g.node for o in n.output}
-    consumers: dict[str, list] = {}
-    for n in g.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    producer, consumers = tensor_edges(g)
     inits = {i.name: i for i in g.initializer}
     constant_nodes = {n.output[0]: n.attribute[0].t for n in g.node
                       if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"}

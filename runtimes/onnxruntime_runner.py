@@ -68,11 +68,10 @@ def _uint8_activations(model) -> None:
     import numpy as np
     from onnx import TensorProto, numpy_helper
 
+    from graph_passes.edges import tensor_edges
+
     inits = {i.name: i for i in model.graph.initializer}
-    consumers: dict[str, list] = {}
-    for n in model.graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    _, consumers = tensor_edges(model.graph)
     zp_u8: dict[str, str] = {}
     for q in [n for n in model.graph.node if n.op_type == "QuantizeLinear"]:
         if len(q.input) < 3 or q.input[2] not in inits or q.input[0] in inits:

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from .convert import QUANTIZED
 from .errors import SCRExportError
 
 # DESIGN.md's gates by precision (starting points; tighten with evidence)
@@ -318,8 +319,6 @@ def validate_directory(directory: str | Path, *, family: Any = None, images=None
         reports["engine"] = _compare_runs(runner, unfused, inputs, runner.config, steps, f"{precision}/engine")
     return reports
 
-
-QUANTIZED = ("int8", "int4", "fp8")
 
 
 def report_to_dict(report) -> dict:

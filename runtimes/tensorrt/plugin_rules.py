@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from graph_passes.edges import tensor_edges
 from graph_passes.scr_op import DOMAIN, OP_TYPE, PLUGIN_VERSION
 from runtimes.kernels.launch import block_threads, entry_name, vector_width, vectorised
 
@@ -109,7 +110,7 @@ def scr_node_types(onnx_path: Path) -> dict[str, str]:
     model = onnx.load(str(onnx_path), load_external_data=False)
     types = {v.name: v.type.tensor_type.elem_type for v in (*model.graph.input, *model.graph.value_info,
                                                              *model.graph.output)}
-    producer = {o: n for n in model.graph.node for o in n.output}
+    producer, _ = tensor_edges(model.graph)
     found = {}
     for n in model.graph.node:
         if n.op_type != OP_TYPE or n.domain != DOMAIN:
