@@ -111,8 +111,10 @@ def model_bytes(model_dir) -> int:
     return sum(p.stat().st_size for p in Path(model_dir).iterdir() if p.name.endswith((".onnx", ".onnx.data")))
 
 
-def time_genai(model_dir, prompt_len: int, threads: int = 2, repeats: int = 5, warmup: int = 1) -> dict:
-    """Median prefill time for prompt_len token ids, and median time of the first decode step after it (ms)."""
+def time_genai(model_dir, prompt_len: int, threads: int = 2, repeats: int = 5, warmup: int = 1,
+               loop_steps: int = 64) -> dict:
+    """Median prefill time for prompt_len token ids, median time of the first decode step after it, and the mean
+    step of a ``loop_steps``-token greedy loop after it (ms): the same measures as ours."""
     import onnxruntime_genai as og
 
     config = og.Config(str(model_dir))
@@ -122,11 +124,12 @@ def time_genai(model_dir, prompt_len: int, threads: int = 2, repeats: int = 5, w
     model = og.Model(config)
     vocab = json.loads((Path(model_dir) / "genai_config.json").read_text())["model"]["vocab_size"]
     ids = (np.arange(prompt_len) % vocab).astype(np.int32)  # deterministic ids, no text
-    prefill, decode = [], []
+    prefill, decode, loop = [], [], []
     for i in range(warmup + repeats):
         params = og.GeneratorParams(model)
         # min_length > what we generate masks EOS, so greedy search never ends early on random weights.
-        params.set_search_options(max_length=prompt_len + 8, min_length=prompt_len + 8, do_sample=False)
+        total = prompt_len + loop_steps + 8
+        params.set_search_options(max_length=total, min_length=total, do_sample=False)
         gen = og.Generator(model, params)  # allocates the KV cache: outside the timed region
         t0 = time.perf_counter()
         gen.append_tokens(ids)        # prefill: one model run over prompt_len ids
@@ -135,12 +138,17 @@ def time_genai(model_dir, prompt_len: int, threads: int = 2, repeats: int = 5, w
         t2 = time.perf_counter()
         gen.generate_next_token()     # one decode step: model run on 1 new token over the prompt_len cached, then pick
         t3 = time.perf_counter()
+        for _ in range(loop_steps - 1):
+            gen.generate_next_token()
+        t4 = time.perf_counter()
         if i >= warmup:
             prefill.append((t1 - t0) * 1e3)
             decode.append((t3 - t2) * 1e3)
+            loop.append((t4 - t2) * 1e3 / loop_steps)
         del gen, params
     del model, config
     return {"prefill_ms": statistics.median(prefill), "decode_ms": statistics.median(decode),
+            "loop_step_ms": statistics.median(loop),
             "prefill_all_ms": prefill, "decode_all_ms": decode, "model_bytes": model_bytes(model_dir),
             "prompt_len": prompt_len, "threads": threads}
 

@@ -62,7 +62,7 @@ def main() -> int:
     am = inputs.attention_mask.numpy()
     base = {"inputs_embeds": embeds, "attention_mask": am, "position_ids": positions, **runner._past(1)}
     scr_feed = {**base, "scr_donor": plan.donor, "scr_scale": plan.scale, "scr_weight": plan.weight}
-    dec = runner.sessions["decoder"]
+    dec = runner._session("decoder")  # the eager decoder: the plain graph below has eager attention
     names = [o.name for o in dec.get_outputs()]
     outs = dict(zip(names, dec.run(None, scr_feed)))
 

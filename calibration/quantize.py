@@ -162,7 +162,7 @@ class Quantizer:
         }
         if spec.needs_calibration:
             method = CalibrationMethod.MinMax if spec.precision == "int8" else CalibrationMethod.Distribution
-            runner = OrtVLM(tmp, device="cpu", scr_kernel="function")  # the float graphs, as `run` runs them
+            runner = OrtVLM(tmp, device="cpu", scr_kernel="function", attention="eager")  # the float graphs, as `run` runs them
             cal: dict[str, Any] = {**spec.calibration.describe(), "method": method.name,
                                    "decode_steps": spec.decode_steps, "graphs": {}}
             if spec.calibration.synthetic:
@@ -226,7 +226,7 @@ def _identity(plan: Any) -> bool:
 
 def convert_quantized(model: str, out: str | Path, *, spec: QuantizeSpec, config_overrides: dict | None = None,
                       force: bool = False, progress: Callable[[str], None] | None = None, exporter: str = "dynamo",
-                      trt_limits: Any = None, build: str = "auto", attention: str = "eager"):
+                      trt_limits: Any = None, build: str = "auto", attention: str = "gqa"):
     """`convert --precision int8|int4|fp8`: returns (out, report) for --to onnx and (out, report, engines) for trt.
     ``report`` is the validation against the float32 PyTorch model (and the engine-only comparison)."""
     from scr_export.convert import _stderr, check_out_dir, convert_to_onnx

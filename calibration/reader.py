@@ -27,6 +27,9 @@ class SCRCalibrationReader(CalibrationDataReader):
                  decode_steps: int = DEFAULT_DECODE_STEPS, progress: bool = True):
         if graph not in ("decoder", "diagnostic"):
             raise ValueError(f"no calibration feeds for graph {graph!r}")
+        if getattr(runner, "attention", "eager") != "eager":
+            raise ValueError("the calibration reader records the eager decoder (the graph that is quantized): "
+                             "open the runner with attention='eager'")
         self.runner, self.samples, self.graph, self.scr = runner, samples, graph, scr
         self.decode_steps = decode_steps
         self.progress = progress

@@ -20,6 +20,9 @@ from scr_export.plan import SequencePlan, plan_sequence
 from scr_export.processing import VLMInputs, encode
 
 
+GQA_DECODER = "decoder_gqa"  # session name of the decoder's GroupQueryAttention variant
+
+
 class RuntimeUnavailable(SCRExportError):
     """ONNX Runtime (or the asked-for provider) is not installed."""
 
@@ -122,11 +125,15 @@ class OrtVLM:
     """A converted directory, loaded into ONNX Runtime sessions."""
 
     def __init__(self, directory: str | Path, device: str = "auto", threads: int | None = None,
-                 scr_kernel: str | None = None, unfused: bool = False):
+                 scr_kernel: str | None = None, unfused: bool = False, attention: str = "auto"):
         """``unfused=True`` runs quantized graphs as written, without ONNX Runtime's quantized kernels: Q/DQ graphs
         with ``session.disable_quant_qdq`` (DequantizeLinear + float MatMul), MatMulNBits at accuracy level 1
         (float32 activations). It is the engine-only reference of `validate`: fused vs unfused is kernel error,
-        unfused vs the float model is quantization error."""
+        unfused vs the float model is quantization error.
+
+        ``attention``: which decoder runs one prompt. ``auto`` takes the GroupQueryAttention decoder where the
+        directory has one and the provider runs it natively (CPU; CUDA for float16 graphs), else the eager one;
+        batches of several prompts always run the eager decoder (loaded when first needed)."""
         import onnxruntime as ort
 
         self._load_directory(directory)
@@ -149,31 +156,85 @@ class OrtVLM:
 
         # what runs the SCRNeighbourInject nodes: the custom-op library when built, else their ONNX function body
         self.scr_kernel = attach(opts, self.providers, scr_kernel)
+        self._opts, self._quant = opts, quant
+        self.attention = self._pick_attention(attention)
         self.sessions = {}
         self._input_types: dict[str, dict[str, Any]] = {}
         self._tmp = None
-        for name, info in self.manifest["graphs"].items():
-            path = self.dir / info["file"]
-            gq = quant.get("graphs", {}).get(name, {})
-            fmt = gq.get("format")
-            if unfused and fmt == "matmulnbits":
-                path = self._rewritten(path, _accuracy_level_1)
-            elif (not unfused and fmt == "qdq" and gq.get("precision", quant.get("precision")) == "int8"
-                  and self.providers[0] == "CPUExecutionProvider" and _x86()):
-                # ONNX Runtime fuses int8 activations into its int8 kernels only on ARM; on x86 it wants uint8.
-                # The same values with zero point 128 are exactly the same arithmetic, so the file stays one
-                path = self._rewritten(path, _uint8_activations)
-            try:
-                self.sessions[name] = ort.InferenceSession(str(path), opts, providers=self.providers)
-            except Exception as exc:  # ORT raises its own exception types for bad files
-                raise SCRExportError(f"ONNX Runtime cannot load {info['file']}: {str(exc).splitlines()[0]}",
-                                     "the file is damaged or incomplete: convert the model again") from None
-            self._input_types[name] = {i.name: (np.float16 if i.type == "tensor(float16)" else np.float32)
-                                       for i in self.sessions[name].get_inputs() if "float" in i.type}
+        for name in self.manifest["graphs"]:
+            self._session(GQA_DECODER if name == "decoder" and self.attention == "gqa" else name)
+        if "decoder" in self.manifest["graphs"] and "decoder" not in self.sessions:
+            self._check_readable(self.dir / self.manifest["graphs"]["decoder"]["file"])  # loaded for batches
         ep = next(iter(self.sessions.values())).get_providers()[0]
-        self.provider = ep if "decoder" not in self.sessions else f"{ep}, SCR nodes: {self.scr_kernel}"
+        self.provider = ep if "decoder" not in self.manifest["graphs"] else \
+            f"{ep}, SCR nodes: {self.scr_kernel}, attention: {self.attention}"
         if unfused:
             self.provider += ", quantized kernels off (engine reference)"
+
+    def _pick_attention(self, requested: str) -> str:
+        if requested not in ("auto", "eager", "gqa"):
+            raise SCRExportError(f"attention {requested!r} is unknown", "use auto (default), eager or gqa")
+        decoder = self.manifest["graphs"].get("decoder", {})
+        if decoder.get("attention") == "gqa":
+            raise SCRExportError(f"{self.dir} was converted by an earlier scr-export whose --attention gqa replaced "
+                                 "the eager decoder", "convert the model again (both decoders are written now)")
+        has_gqa = "gqa" in decoder
+        cuda = self.providers[0] == "CUDAExecutionProvider"
+        native = not cuda or self.float_type == np.float16  # ORT's CUDA GroupQueryAttention takes float16 only
+        if requested == "gqa":
+            if not has_gqa:
+                raise SCRExportError(f"{self.dir} has no GroupQueryAttention decoder",
+                                     "convert again with --to onnx --attention gqa (the default), or use "
+                                     "--attention eager")
+            if not native:
+                raise SCRExportError("ONNX Runtime's CUDA GroupQueryAttention takes float16 only; this directory's "
+                                     "decoder is float32", "use --attention eager (or auto), or convert with "
+                                     "--precision fp16")
+        if requested == "eager" or not has_gqa or not native:
+            return "eager"
+        return "gqa"
+
+    @staticmethod
+    def _check_readable(path: Path) -> None:
+        """A graph loaded only when first needed is parsed now (without its weights), so a damaged file is
+        reported at load time, not in the middle of a batch."""
+        import onnx
+
+        try:
+            onnx.load(str(path), load_external_data=False)
+        except Exception as exc:  # protobuf's DecodeError and friends
+            raise SCRExportError(f"ONNX Runtime cannot load {path.name}: not a readable ONNX file "
+                                 f"({type(exc).__name__})", "the file is damaged or incomplete: convert the model "
+                                 "again") from None
+
+    def _session(self, name: str):
+        """The ONNX Runtime session of graph ``name``, loaded on first use (``decoder_gqa`` is the decoder's
+        GroupQueryAttention variant, over the same weights file)."""
+        if name in self.sessions:
+            return self.sessions[name]
+        import onnxruntime as ort
+
+        graph = "decoder" if name == GQA_DECODER else name
+        info = self.manifest["graphs"][graph]
+        path = self.dir / (info["gqa"]["file"] if name == GQA_DECODER else info["file"])
+        gq = self._quant.get("graphs", {}).get(graph, {})
+        fmt = gq.get("format")
+        if self.unfused and fmt == "matmulnbits":
+            path = self._rewritten(path, _accuracy_level_1)
+        elif (not self.unfused and fmt == "qdq" and gq.get("precision", self._quant.get("precision")) == "int8"
+              and self.providers[0] == "CPUExecutionProvider" and _x86()):
+            # ONNX Runtime fuses int8 activations into its int8 kernels only on ARM; on x86 it wants uint8.
+            # The same values with zero point 128 are exactly the same arithmetic, so the file stays one
+            path = self._rewritten(path, _uint8_activations)
+        try:
+            session = ort.InferenceSession(str(path), self._opts, providers=self.providers)
+        except Exception as exc:  # ORT raises its own exception types for bad files
+            raise SCRExportError(f"ONNX Runtime cannot load {path.name}: {str(exc).splitlines()[0]}",
+                                 "the file is damaged or incomplete: convert the model again") from None
+        self.sessions[name] = session
+        self._input_types[name] = {i.name: (np.float16 if i.type == "tensor(float16)" else np.float32)
+                                   for i in session.get_inputs() if "float" in i.type}
+        return session
 
     def _rewritten(self, path: Path, edit) -> Path:
         """A copy of graph ``path`` changed by ``edit(model)`` in a private directory; the weights file is linked
@@ -188,13 +249,17 @@ class OrtVLM:
         edit(model)
         out = Path(self._tmp.name) / path.name
         onnx.save(model, str(out))
-        for data in path.parent.glob(path.name + "*.data"):
+        locations = {e.value for i in model.graph.initializer for e in i.external_data if e.key == "location"}
+        for name in locations:
+            data, link = path.parent / name, out.parent / name
+            if link.exists():
+                continue
             try:  # ONNX Runtime refuses external data outside the model's directory, so a symlink will not do
-                os.link(data, out.parent / data.name)
+                os.link(data, link)
             except OSError:  # another file system: copy
                 import shutil
 
-                shutil.copyfile(data, out.parent / data.name)
+                shutil.copyfile(data, link)
         return out
 
     def _load_directory(self, directory: str | Path) -> None:
@@ -218,29 +283,31 @@ class OrtVLM:
     def _run(self, name: str, feed: dict[str, np.ndarray], outputs=None):
         """Run one graph; float inputs are cast to the graph's own input type (GGUF directories hold float32
         vision graphs beside an f16 decoder)."""
+        session = self._session(name)
         types = self._input_types[name]
         feed = {k: (v.astype(types[k]) if k in types and v.dtype != types[k] else v)
                 for k, v in feed.items() if k in self._wanted(name)}
         if self.recorder is not None:
             self.recorder(name, feed)
-        return self.sessions[name].run(outputs, feed)
+        return session.run(outputs, feed)
 
     def _wanted(self, name: str) -> set[str]:
         cache = self.__dict__.setdefault("_wanted_cache", {})
         if name not in cache:
-            cache[name] = {i.name for i in self.sessions[name].get_inputs()}
+            cache[name] = {i.name for i in self._session(name).get_inputs()}
         return cache[name]
 
     def _run_decoder(self, feed: dict[str, Any]) -> dict[str, Any]:
         """One decoder call, outputs by name. (I/O binding of the KV cache alone was measured here: no gain on the
         CPU provider; what pays is not copying the cache at all, the GroupQueryAttention graphs below.)"""
-        names = [o.name for o in self.sessions["decoder"].get_outputs()]
+        names = [o.name for o in self._session("decoder").get_outputs()]
         return dict(zip(names, self._run("decoder", feed)))
 
     @property
     def shared_kv(self) -> bool:
-        """The decoder uses GroupQueryAttention with one KV buffer per layer that is both past and present."""
-        return self.manifest["graphs"].get("decoder", {}).get("attention") == "gqa"
+        """One prompt runs the GroupQueryAttention decoder, with one KV buffer per layer that is both past and
+        present."""
+        return self.attention == "gqa"
 
     def _gqa_cache(self, batch: int, max_len: int) -> dict:
         """The shared KV buffers (one per layer and kind, past and present at once) and an I/O binding with them
@@ -248,18 +315,17 @@ class OrtVLM:
         import onnxruntime as ort
 
         if batch != 1:
-            raise SCRExportError(f"this directory's decoder (--attention gqa) runs one prompt at a time; got {batch}",
-                                 "run the prompts one by one, or convert with --attention eager for batches")
+            raise ValueError(f"the GroupQueryAttention decoder runs one prompt at a time; got {batch}")
         device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
         shape = (1, self.kv_heads, max_len, self.head_dim)
-        io = self.sessions["decoder"].io_binding()
+        io = self._session(GQA_DECODER).io_binding()
         buffers = {}
         for i in range(self.num_layers):
             for kind in ("key", "value"):
                 buf = buffers[(i, kind)] = ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self.float_type), device, 0)
                 io.bind_ortvalue_input(f"past_key_values.{i}.{kind}", buf)
                 io.bind_ortvalue_output(f"present.{i}.{kind}", buf)
-        step_inputs = sorted(k for k in self._wanted("decoder") if not k.startswith("past_key_values."))
+        step_inputs = sorted(k for k in self._wanted(GQA_DECODER) if not k.startswith("past_key_values."))
         return {"io": io, "buffers": buffers, "max_len": max_len, "inputs": step_inputs}
 
     def _run_gqa(self, feed: dict[str, Any], cache: dict, total: int) -> np.ndarray:
@@ -270,13 +336,13 @@ class OrtVLM:
         feed = {**feed, "seqlens_k": np.full((1,), total - 1, np.int32),
                 "total_sequence_length": np.array(total, np.int32)}
         if self.recorder is not None:
-            self.recorder("decoder", feed)
-        io, types = cache["io"], self._input_types["decoder"]
+            self.recorder(GQA_DECODER, feed)
+        io, types = cache["io"], self._input_types[GQA_DECODER]
         for k in cache["inputs"]:
             v = feed[k]
             io.bind_cpu_input(k, np.ascontiguousarray(v.astype(types[k]) if k in types and v.dtype != types[k] else v))
         io.bind_output("logits", "cpu")  # rebound each call: its shape changes between prefill and decode
-        self.sessions["decoder"].run_with_iobinding(io)
+        self._session(GQA_DECODER).run_with_iobinding(io)
         return io.get_outputs()[-1].numpy()
 
     def embed(self, inputs: VLMInputs) -> np.ndarray:
@@ -364,7 +430,7 @@ class OrtVLM:
         feed = {"inputs_embeds": embeds, "attention_mask": am, "position_ids": positions,
                 "scr_donor": plan.donor, "scr_scale": plan.scale, "scr_weight": plan.weight}
         cache = None
-        if self.shared_kv:
+        if self.shared_kv and batch == 1:
             cache = self._gqa_cache(batch, length + max(steps, 1))
             outs = {"logits": self._run_gqa(feed, cache, length)}
         else:
@@ -376,8 +442,12 @@ class OrtVLM:
         suppressed = fam.suppressed_token_ids()
         finished = np.zeros(batch, bool)
         tokens, logits = [], []
-        mask_t = inputs.attention_mask
         identity = SequencePlan.identity(batch, 1)
+        # decode positions grow by one a step in every family (the newest token's text position; Qwen2-VL adds its
+        # rope delta on all three axes), so the family's rule runs once, and the mask is one preallocated array
+        mask_all = np.concatenate([am, np.ones((batch, max(steps - 1, 0)), am.dtype)], axis=1)
+        first_pos = fam.decode_position_ids(inputs.tensors, torch.from_numpy(mask_all[:, :length + 1])).numpy() \
+            if steps > 1 else None
         for step in range(steps):
             logits.append(last)
             if forced_tokens is not None:
@@ -393,10 +463,9 @@ class OrtVLM:
                     break
             if step == steps - 1:
                 break
-            mask_t = torch.cat([mask_t, torch.ones(batch, 1, dtype=mask_t.dtype)], dim=1)
-            pos = fam.decode_position_ids(inputs.tensors, mask_t).numpy()
             feed = {"inputs_embeds": self._run("embed_tokens", {"input_ids": nxt[:, None]})[0],
-                    "attention_mask": mask_t.numpy(), "position_ids": pos,
+                    "attention_mask": np.ascontiguousarray(mask_all[:, :length + step + 1]),
+                    "position_ids": first_pos + step,
                     "scr_donor": identity.donor, "scr_scale": identity.scale, "scr_weight": identity.weight}
             if cache is not None:
                 last = self._run_gqa(feed, cache, length + step + 1)[:, -1].astype(np.float32)

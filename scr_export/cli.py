@@ -262,10 +262,11 @@ class Convert(Command):
                        help="auto: build where TensorRT and a GPU are present, else write build_engines.sh only")
         p.add_argument("--exporter", choices=["dynamo", "legacy"], default="dynamo",
                        help="torch.onnx exporter for the decoder (default dynamo)")
-        p.add_argument("--attention", choices=["eager", "gqa"], default="eager",
-                       help="--to onnx: the decoder's attention. gqa = ONNX Runtime's GroupQueryAttention with a "
-                            "shared KV buffer (decode steps about 2x faster; one prompt at a time); eager (default) "
-                            "= the exported graph, any batch")
+        p.add_argument("--attention", choices=["eager", "gqa"],
+                       help="--to onnx: gqa (default) also writes the decoder with ONNX Runtime's GroupQueryAttention "
+                            "on a shared KV buffer (same weights; decode steps about 2x faster on the CPU), which "
+                            "runs one prompt at a time, beside the eager decoder that runs batches; eager writes "
+                            "the eager decoder only")
         p.add_argument("--force", action="store_true", help="replace DIR if it exists")
         p.add_argument("--no-fail-on-parity", action="store_true", help="exit 0 even when a parity gate fails")
         g = p.add_argument_group("SCR baked into the graphs (λ and k stay run-time inputs of the plan)")
@@ -284,7 +285,7 @@ class Convert(Command):
         if args.to == "gguf" and precision is not None:
             raise SCRExportError(f"--precision {precision} does not apply to --to gguf: GGUF weight types are "
                                  "chosen with --quant", "use --quant q8_0 (or f32, f16, q4_0, q4_k_m, ...)")
-        if args.attention != "eager" and args.to != "onnx":
+        if args.attention == "gqa" and args.to != "onnx":
             raise SCRExportError(f"--attention {args.attention} is for --to onnx (ONNX Runtime's contrib op)",
                                  "drop --attention, or convert with --to onnx")
         if quant_flags and precision not in QUANTIZED:
@@ -302,7 +303,7 @@ class Convert(Command):
                             max_image_tokens=args.max_image_tokens, max_seq=args.max_seq)
             res = convert_quantized(args.model, args.out, spec=spec, config_overrides=_scr_overrides(args),
                                     force=args.force, progress=_log, exporter=args.exporter, trt_limits=limits,
-                                    build=args.build_engines, attention=args.attention)
+                                    build=args.build_engines, attention=args.attention or "gqa")
             print(_tables(res[1]))
             if args.to == "trt" and res[2] is None:
                 print(f"TensorRT engines: NOT built here; run {res[0] / 'build_engines.sh'} on the target device")
@@ -331,7 +332,7 @@ class Convert(Command):
             return 0 if _passed(reports) or args.no_fail_on_parity else 1
         _, report = convert_to_onnx(args.model, args.out, precision=args.precision or "fp32", exporter=args.exporter,
                                     config_overrides=_scr_overrides(args), force=args.force, progress=_log,
-                                    attention=args.attention)
+                                    attention=args.attention or "gqa")
         print(report.table())
         return 0 if report or args.no_fail_on_parity else 1
 
@@ -352,7 +353,7 @@ def _passed(reports) -> bool:
     return all(bool(r) for r in reports.values()) if isinstance(reports, dict) else bool(reports)
 
 
-def _runner(directory: str, device: str, runtime: str = "auto"):
+def _runner(directory: str, device: str, runtime: str = "auto", attention: str = "auto"):
     from .manifest import pick_runtime, read_manifest
 
     manifest = read_manifest(directory)
@@ -367,7 +368,13 @@ def _runner(directory: str, device: str, runtime: str = "auto"):
         return LlamaCppVLM(directory)
     from runtimes.onnxruntime_runner import OrtVLM
 
-    return OrtVLM(directory, device=device)
+    return OrtVLM(directory, device=device, attention=attention)
+
+
+def add_attention_arg(p) -> None:
+    p.add_argument("--attention", choices=["auto", "eager", "gqa"], default="auto",
+                   help="ONNX Runtime: which decoder runs one prompt. auto: the GroupQueryAttention one where the "
+                        "directory has it and the provider runs it natively (CPU; CUDA at fp16), else the eager one")
 
 
 class Run(Command):
@@ -384,6 +391,7 @@ class Run(Command):
                        help="ONNX Runtime provider (auto: CUDA when onnxruntime-gpu sees a GPU)")
         p.add_argument("--runtime", choices=["auto", "onnx", "tensorrt", "llamacpp"], default="auto",
                        help="auto: as the directory was converted (TensorRT engines for --to trt)")
+        add_attention_arg(p)
         g = p.add_argument_group("SCR plan (defaults: the manifest's)")
         g.add_argument("--k", type=int)
         g.add_argument("--lambda", dest="lam", type=float, metavar="λ")
@@ -396,7 +404,7 @@ class Run(Command):
             raise SCRExportError(f"--max-new-tokens {args.max_new_tokens} is not positive", "use N >= 1")
         images = [load_image(p) for p in args.image]
         t0 = time.perf_counter()
-        runner = _runner(args.dir, args.device, args.runtime)
+        runner = _runner(args.dir, args.device, args.runtime, args.attention)
         _log(f"loaded {args.dir} ({runner.manifest['display_name']}, {runner.manifest['precision']}) on "
              f"{runner.provider} in {time.perf_counter() - t0:.1f}s")
         config = runner.config.replace(**{k: v for k, v in _scr_overrides(args).items()})
@@ -429,6 +437,7 @@ class Validate(Command):
         p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
         p.add_argument("--runtime", choices=["auto", "onnx", "tensorrt", "llamacpp"], default="auto",
                        help="auto: as the directory was converted (TensorRT engines for --to trt)")
+        add_attention_arg(p)
 
     def run(self, args):
         from .manifest import read_manifest
@@ -442,7 +451,7 @@ class Validate(Command):
         prompts = [args.prompt] if images else None
         _log("running the deployed model and the PyTorch reference ...")
         report = validate_directory(args.dir, images=images, prompts=prompts, steps=args.steps, device=args.device,
-                                    runtime=args.runtime)
+                                    runtime=args.runtime, attention=args.attention)
         out = Path(args.json) if args.json else Path(args.dir) / "parity.json"
         write_report(report, out)
         print(_tables(report))

@@ -110,21 +110,23 @@ def staged_directory(out: Path):
 
 
 QUANTIZED = ("int8", "int4", "fp8")
+GQA_FILE = "decoder_model_merged_gqa.onnx"
 
 
 def convert_to_onnx(model: str, out: str | Path, *, precision: str = "fp32", exporter: str = "dynamo",
                     config_overrides: dict[str, Any] | None = None, force: bool = False,
                     progress: Progress = _stderr, finalize: Callable[[Path, dict, Any], None] | None = None,
                     quantize: Callable[[Path, dict, Any], None] | None = None, opset: int | None = None,
-                    attention: str = "eager"):
+                    attention: str = "gqa"):
     """Write ``out`` with the four graphs, tokenizer / image processor files and manifest.json.
 
     ``quantize(staging_dir, manifest, family)`` turns the float32 graphs into the quantized ones before validation
     (``calibration.quantize.Quantizer``; needed for int8 / int4 / fp8, which export at ``opset`` 21).
     ``finalize(staging_dir, manifest, family)`` may add files and manifest entries before the directory appears
     (the TensorRT converter does); the manifest is written again after it.
-    ``attention="gqa"`` rewrites the decoder's attention into ONNX Runtime's GroupQueryAttention with a shared KV
-    buffer (faster decode steps; ONNX Runtime only, one prompt at a time).
+    ``attention="gqa"`` (default) also writes the decoder with its attention rewritten into ONNX Runtime's
+    GroupQueryAttention on a shared KV buffer (``GQA_FILE``, over the same weights file): the runner uses it for one
+    prompt on the CPU (or CUDA at fp16), the eager decoder for batches. ``"eager"`` writes the eager decoder only.
     """
     import torch
 
@@ -145,7 +147,7 @@ def convert_to_onnx(model: str, out: str | Path, *, precision: str = "fp32", exp
                              "a quantize step was given for a float precision",
                              "call calibration.quantize.convert_quantized for int8 / int4 / fp8")
     if attention not in ("eager", "gqa"):
-        raise SCRExportError(f"--attention {attention!r} is unknown", "use eager (default) or gqa")
+        raise SCRExportError(f"--attention {attention!r} is unknown", "use gqa (default) or eager")
     if exporter not in ("dynamo", "legacy"):
         raise SCRExportError(f"exporter {exporter!r} is unknown", "use --exporter dynamo (default) or legacy")
     check_out_dir(out, force)
@@ -199,14 +201,17 @@ def convert_to_onnx(model: str, out: str | Path, *, precision: str = "fp32", exp
             from graph_passes.group_query_attention import SEQLENS, TOTAL, fuse_group_query_attention
 
             kv, head_dim = manifest["decoder"]["kv_heads"], manifest["decoder"]["head_dim"]
-            src = tmp / GRAPH_FILES["decoder"]
-            fuse_group_query_attention(src, tmp / "decoder_gqa.onnx", fam.num_layers,
-                                       fam.text_config.num_attention_heads, kv, head_dim)
-            os.replace(tmp / "decoder_gqa.onnx", src)
-            manifest["graphs"]["decoder"]["attention"] = "gqa"
-            manifest["graphs"]["decoder"]["inputs"] += [SEQLENS, TOTAL]
+            decoder = manifest["graphs"]["decoder"]
+            from graph_passes.ort_fusions import fuse_norms
+
+            heads = fam.text_config.num_attention_heads
+            fuse_group_query_attention(tmp / decoder["file"], tmp / GQA_FILE, fam.num_layers, heads, kv, head_dim)
+            fused = fuse_norms(tmp / GQA_FILE, tmp / GQA_FILE, heads, fam.text_config.hidden_size)
+            decoder["gqa"] = {"file": GQA_FILE, "inputs": decoder["inputs"] + [SEQLENS, TOTAL],
+                              "weights": "the decoder's (same external data file)", "fused": fused}
             write_manifest(tmp, manifest)
-            progress("attention: ONNX Runtime GroupQueryAttention with a shared KV buffer")
+            progress(f"attention: {GQA_FILE} = the decoder with ONNX Runtime GroupQueryAttention on a shared KV "
+                     "buffer and fused norms (same weights; one prompt at a time), beside the eager decoder (batches, TensorRT)")
         progress(f"[{steps}/{steps}] parity against the PyTorch reference")
         from .parity import report_to_dict, validate_directory
 

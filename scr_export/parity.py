@@ -258,7 +258,7 @@ def _compare_runs(runner: Any, reference: Any, inputs: Any, cfg: Any, steps: int
 
 
 def validate_directory(directory: str | Path, *, family: Any = None, images=None, prompts=None, steps: int = 16,
-                       device: str = "auto", runtime: str = "auto"):
+                       device: str = "auto", runtime: str = "auto", attention: str = "auto"):
     """Compare the deployed run of ``directory`` with the PyTorch reference of the manifest's checkpoint.
 
     ONNX directories give one report. GGUF directories give ``{"float": ..., "dequantized": ...}``: against the
@@ -303,7 +303,7 @@ def validate_directory(directory: str | Path, *, family: Any = None, images=None
     else:
         from runtimes.onnxruntime_runner import OrtVLM
 
-        runner = OrtVLM(directory, device=device)
+        runner = OrtVLM(directory, device=device, attention=attention)
     inputs = runner.encode(images, prompts)
     precision = manifest["precision"]
     if precision not in QUANTIZED:
@@ -315,7 +315,7 @@ def validate_directory(directory: str | Path, *, family: Any = None, images=None
     if kind == "onnx":
         from runtimes.onnxruntime_runner import OrtVLM
 
-        unfused = OrtVLM(directory, device=device, unfused=True)
+        unfused = OrtVLM(directory, device=device, unfused=True, attention=attention)
         reports["engine"] = _compare_runs(runner, unfused, inputs, runner.config, steps, f"{precision}/engine")
     return reports
 

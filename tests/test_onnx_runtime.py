@@ -171,51 +171,76 @@ def test_cuda_request_without_a_gpu_is_a_clear_error(converted, tmp_path):
     assert res.returncode == 2 and "CUDA execution provider is not available" in res.stderr and "fix:" in res.stderr
 
 
-@pytest.fixture(scope="session")
-def converted_gqa(tmp_path_factory):
-    done: dict = {}
-
-    def get(family: str):
-        if family not in done:
-            out = tmp_path_factory.mktemp("gqa") / family
-            done[family] = convert_to_onnx(TINY_PRESETS[family], out, attention="gqa", progress=lambda m: None)
-        return done[family]
-
-    return get
-
-
-def test_group_query_attention_decoder_passes_the_fp32_gates(family_name, converted_gqa):
-    """--attention gqa: ONNX Runtime's GroupQueryAttention on a shared KV buffer instead of the exported eager
-    attention: the same fp32 gates (plan, greedy tokens, max rel. error <= 1e-4), no Concat of the cache left, SCR
-    nodes intact."""
+def test_group_query_attention_decoder_beside_the_eager_one(family_name, converted):
+    """The default conversion writes the decoder twice over one weights file: eager (batches, TensorRT) and with
+    ONNX Runtime's GroupQueryAttention on a shared KV buffer plus its norm fusions (one prompt, the CPU default).
+    The GQA graph has no eager attention and no Concat of the cache left, keeps its SCR nodes, and the report
+    written at conversion is the GQA decoder's; the eager decoder passes the same fp32 gates."""
     import onnx
 
-    out, report = converted_gqa(family_name)
-    assert report, report.table()
-    m = onnx.load(str(out / "decoder_model_merged.onnx"), load_external_data=False)
+    from scr_export.parity import validate_directory
+
+    out, report = converted(family_name)
+    assert report and "attention: gqa" in report.provider, report.table()
+    manifest = json.loads((out / "manifest.json").read_text())
+    gqa_file = manifest["graphs"]["decoder"]["gqa"]["file"]
+    m = onnx.load(str(out / gqa_file), load_external_data=False)
     ops = [n.op_type for n in m.graph.node]
-    n_layers = json.loads((out / "manifest.json").read_text())["decoder"]["num_layers"]
+    n_layers = manifest["decoder"]["num_layers"]
     assert ops.count("GroupQueryAttention") == n_layers and "Softmax" not in ops
     producers = {o: n.op_type for n in m.graph.node for o in n.output}
     assert all(producers[f"present.{i}.key"] == "GroupQueryAttention" for i in range(n_layers))
     assert ops.count("SCRNeighbourInject") == 2
+    # ONNX Runtime's norm fusions: every RMSNorm (two a layer and the final one) is one fused node, none left as Pow
+    assert ops.count("SimplifiedLayerNormalization") + ops.count("SkipSimplifiedLayerNormalization") == 2 * n_layers + 1
+    assert "Pow" not in ops and manifest["graphs"]["decoder"]["gqa"]["fused"]
+    locations = {e.value for i in m.graph.initializer for e in i.external_data if e.key == "location"}
+    assert locations == {"decoder_model_merged.onnx.data"}  # the eager decoder's weights, not a copy
+    eager = onnx.load(str(out / "decoder_model_merged.onnx"), load_external_data=False)
+    assert "GroupQueryAttention" not in {n.op_type for n in eager.graph.node}
     # the diagnostic graph keeps eager attention (it needs the probabilities)
     diag = onnx.load(str(out / "diagnostic.onnx"), load_external_data=False)
     assert "Softmax" in {n.op_type for n in diag.graph.node}
+    eager_report = validate_directory(out, device="cpu", attention="eager")
+    assert eager_report and "attention: eager" in eager_report.provider, eager_report.table()
+    assert all(c.max_rel <= 1e-4 for c in eager_report.comparisons)
 
 
-def test_group_query_attention_decoder_on_a_new_image_and_one_prompt_at_a_time(converted_gqa):
-    out, _ = converted_gqa("qwen2_vl")
+def test_one_prompt_runs_group_query_attention_and_a_batch_runs_the_eager_decoder(converted):
+    out, _ = converted("qwen2_vl")
     runner = OrtVLM(out, device="cpu")
+    assert runner.attention == "gqa" and "decoder" not in runner.sessions  # the eager decoder loads when needed
     vlm = load(TINY_PRESETS["qwen2_vl"])
     inputs = runner.encode([[make_image(150, 190, seed=11)]], ["Is there a red block?"])
     ref = generate(vlm, inputs, runner.config, max_new_tokens=12, stop_at_eos=False, keep_prefill_logits=True)
     got = runner.generate(inputs, max_new_tokens=12, stop_at_eos=False, keep_prefill_logits=True)
+    assert "decoder" not in runner.sessions
     assert got.tokens.tolist() == ref.tokens.tolist()
     rel = np.abs(got.prefill_logits - ref.prefill_logits).max() / np.abs(ref.prefill_logits).max()
     assert rel <= 1e-4
-    two = runner.encode([[make_image()], [make_image(seed=2)]], ["Describe.", "Is there a red block?"])
+    # two prompts of different lengths (left padding): the eager decoder, the reference's tokens and logits
+    two = runner.encode([[make_image()], [make_image(150, 190, seed=11)]], ["Describe.", "Is there a red block?"])
+    ref2 = generate(vlm, two, runner.config, max_new_tokens=12, stop_at_eos=False)
+    got2 = runner.generate(two, max_new_tokens=12, stop_at_eos=False)
+    assert "decoder" in runner.sessions
+    assert got2.tokens.tolist() == ref2.tokens.tolist()
+    for a, b in zip(got2.logits, ref2.logits):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-4 * np.abs(b).max())
+    # the batch's second row is the single prompt above: the same greedy tokens from either decoder
+    assert got2.tokens[1].tolist() == got.tokens[0].tolist()
+
+
+def test_attention_choice_errors(tmp_path, converted):
     from scr_export.errors import SCRExportError
 
-    with pytest.raises(SCRExportError, match="one prompt at a time"):
-        runner.generate(two, max_new_tokens=2)
+    out, _ = converted("llava")
+    assert OrtVLM(out, device="cpu", attention="eager").attention == "eager"
+    with pytest.raises(SCRExportError, match="unknown"):
+        OrtVLM(out, device="cpu", attention="flash")
+    eager_only, report = convert_to_onnx(TINY_PRESETS["llava"], tmp_path / "eager", attention="eager",
+                                         progress=lambda m: None)
+    assert report and "attention: eager" in report.provider
+    assert "gqa" not in json.loads((eager_only / "manifest.json").read_text())["graphs"]["decoder"]
+    with pytest.raises(SCRExportError, match="no GroupQueryAttention decoder") as exc:
+        OrtVLM(eager_only, device="cpu", attention="gqa")
+    assert "--attention gqa" in exc.value.fix

@@ -102,7 +102,8 @@ def convert_to_trt(model: str, out: str | Path, *, precision: str = "fp16", limi
         script.chmod(script.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
 
     out, report = convert_to_onnx(model, out, precision=precision, config_overrides=config_overrides, force=force,
-                                  progress=progress, finalize=finalize, quantize=quantize, opset=opset)
+                                  progress=progress, finalize=finalize, quantize=quantize, opset=opset,
+                                  attention="eager")  # GroupQueryAttention is an ONNX Runtime contrib op
     engines = None
     if build != "never" and why_not is None:
         from .engines import build_engines

@@ -113,6 +113,7 @@ class TrtVLM(OrtVLM):
         self.providers = ["TensorRT"]
         self.recorder = None
         self.unfused = False
+        self.attention = "eager"  # the engines are built from the eager decoder
         self.sessions = {g: TrtSession(self.dir / info["file"], trt_info["profiles"][g])
                          for g, info in engines["graphs"].items()}
         self._input_types = {g: {} for g in self.sessions}  # the engines' own types: TrtSession casts
