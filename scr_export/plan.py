@@ -10,7 +10,7 @@ import numpy as np
 
 from .config import SCRConfig
 from .errors import InputError
-from .layout import Grid, ImageSpan
+from .layout import ImageSpan
 
 # The 8 neighbour offsets of a cell on its grid.
 NEIGHBOUR_OFFSETS = tuple((dr, dc) for dr in (-1, 0, 1) for dc in (-1, 0, 1) if (dr, dc) != (0, 0))

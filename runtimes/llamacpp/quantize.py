@@ -50,7 +50,6 @@ def dequantized_model(family: Any, gguf_path: Path, qk_permuted: bool) -> Any:
     import gguf
     import torch
 
-    from .gguf_writer import _permute_qk
 
     reader = gguf.GGUFReader(str(gguf_path))
     tc = family.text_config

@@ -174,7 +174,6 @@ class VLMFamily:
     # -- model inputs ---------------------------------------------------------------------------------------------
     def forward_inputs(self, inputs: dict[str, "torch.Tensor"]) -> dict[str, "torch.Tensor"]:
         """Keyword arguments of the model's forward for a full (prefill or cache-less) pass."""
-        import torch
 
         kw = {k: inputs[k] for k in ("input_ids", "attention_mask", "pixel_values") if k in inputs}
         kw["position_ids"] = text_positions(inputs["attention_mask"])
