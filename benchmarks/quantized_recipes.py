@@ -43,7 +43,8 @@ def main() -> int:
     from runtimes.onnxruntime_runner import OrtVLM
     from scr_export.convert import convert_to_onnx
     from scr_export.loading import load_vlm
-    from scr_export.parity import TorchReference, _compare_runs, default_inputs
+    from scr_export.parity import _compare_runs, default_inputs
+    from scr_export.reference import TorchReference
 
     work = Path(args.work or tempfile.mkdtemp(prefix="scr-recipes-"))
     work.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,7 @@ from typing import Any
 from scr_export.errors import SCRExportError
 
 from .data import CalibrationSet, load_calibration_data
-from scr_export.convert import QUANTIZED as PRECISIONS
+from scr_export.manifest import QUANTIZED as PRECISIONS
 
 from .recipe import (INT4_ACCURACY_LEVEL, INT4_BLOCK_SIZE, check_quantized, linear_matmuls, quantize_int8_or_fp8,
                      quantize_weight_only, to_quantize)

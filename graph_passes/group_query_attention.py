@@ -13,6 +13,13 @@ attention output. Those are rewired to one GroupQueryAttention node; what fed on
 
 New decoder inputs: ``seqlens_k`` int32 [batch] (valid tokens − 1) and ``total_sequence_length`` int32 scalar.
 Padding is not modelled (the op assumes right padding): the runner uses these graphs for one prompt at a time.
+
+With ``rotary=(cos_cache, sin_cache)`` (``[max_positions, head_dim / 2]``, the model's own rotary tables) the rotary
+embedding moves into the op too (``do_rotary=1``): each layer's ``q·cos + rotate_half(q)·sin`` (and k's) is matched
+and the op gets the unrotated q and k, straight from their projections where the graph allows, so the Slice, Neg,
+Concat, Mul, Add, Transpose and Reshape nodes around attention go. The op rotates position ``past + i``: right for
+1-D positions without padding (LLaVA, InternVL2, Chameleon for one prompt), wrong for Qwen2-VL's M-RoPE, whose
+caller must not ask for it.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from .edges import tensor_edges
 SEQLENS = "seqlens_k"
 TOTAL = "total_sequence_length"
 _THROUGH = ("Unsqueeze", "Expand", "Reshape", "Transpose")
+_PROJECTIONS = ("MatMul", "MatMulNBits")
 
 
 class AttentionPatternError(ValueError):
@@ -32,9 +40,10 @@ class AttentionPatternError(ValueError):
 
 
 def fuse_group_query_attention(src: Path, dst: Path, num_layers: int, num_heads: int, kv_heads: int,
-                               head_dim: int) -> int:
+                               head_dim: int, rotary=None) -> int:
     """Rewrite ``src`` into ``dst`` (the weights file stays ``src``'s, named in ``dst``'s external data: write
-    ``dst`` beside it). Returns the number of attention blocks replaced (= num_layers)."""
+    ``dst`` beside it). Returns the number of attention blocks replaced (= num_layers). ``rotary``: see above;
+    an ``AttentionPatternError`` if a layer's rotary embedding is not the pattern the op computes."""
     import numpy as np
     import onnx
     import onnx_ir as ir
@@ -74,8 +83,58 @@ def fuse_group_query_attention(src: Path, dst: Path, num_layers: int, num_heads:
             raise AttentionPatternError(f"expected one {op} after {name}, found {len(cs)}")
         return cs[0]
 
+    def single(name: str, op: str):
+        n = producer.get(name)
+        return n if n is not None and n.op_type == op else None
+
+    def unrotated(rot: str):
+        """x for ``rot = Add(Mul(x, cos), Mul(Concat(Neg(Slice(x)), Slice(x)), sin))``, else an error."""
+        add = single(rot, "Add")
+        muls = [single(i, "Mul") for i in add.input] if add is not None else []
+        if len(muls) != 2 or None in muls:
+            raise AttentionPatternError(f"{rot} is not q·cos + rotate_half(q)·sin")
+        for m_cos, m_sin in (muls, muls[::-1]):
+            for cat_in in m_sin.input:
+                cat = single(cat_in, "Concat")
+                if cat is None or len(cat.input) != 2:
+                    continue
+                neg, tail = single(cat.input[0], "Neg"), single(cat.input[1], "Slice")
+                head = single(neg.input[0], "Slice") if neg is not None else None
+                if head is None or tail is None or head.input[0] != tail.input[0]:
+                    continue
+                x = head.input[0]
+                starts = const(head.input[1]), const(tail.input[1])
+                if x in m_cos.input and None not in starts and \
+                        int(np.asarray(starts[0]).reshape(-1)[0]) == head_dim // 2 and \
+                        int(np.asarray(starts[1]).reshape(-1)[0]) == 0:
+                    return x
+        raise AttentionPatternError(f"{rot} is not q·cos + rotate_half(q)·sin over the whole head")
+
+    def bsd(x: str, tag: str) -> str:
+        """[B, S, heads·D] for x = [B, heads, S, D]: the projection output itself when x = Transpose(Reshape(it))."""
+        t = single(x, "Transpose")
+        perm = next((list(a.ints) for a in t.attribute if a.name == "perm"), None) if t is not None else None
+        r = single(t.input[0], "Reshape") if perm == [0, 2, 1, 3] else None
+        shape = const(r.input[1]) if r is not None else None
+        source = producer.get(r.input[0]) if r is not None else None
+        if source is not None and source.op_type == "Add":  # a projection's bias, not a norm's last Add
+            source = next((producer[i] for i in source.input if i in producer
+                           and producer[i].op_type in _PROJECTIONS), None)
+        if source is not None and source.op_type in _PROJECTIONS and \
+                (shape is None or (len(shape) == 4 and int(shape[-1]) == head_dim)):
+            return r.input[0]  # [B, S, heads·D] straight from the projection (and its bias)
+        return flat(x, tag)
+
     removed, added = set(), []
     g.initializer.append(numpy_helper.from_array(np.array([0, 0, -1], np.int64), "gqa_flat_shape"))
+    rotary_inputs: list[str] = []
+    if rotary is not None:
+        cos, sin = (np.ascontiguousarray(c) for c in rotary)  # in the graph's float type (the op's T)
+        if cos.shape != sin.shape or cos.ndim != 2 or cos.shape[1] != head_dim // 2:
+            raise ValueError(f"rotary caches must be [positions, {head_dim // 2}], got {cos.shape}")
+        g.initializer.extend([numpy_helper.from_array(cos, "gqa_cos_cache"),
+                              numpy_helper.from_array(sin, "gqa_sin_cache")])
+        rotary_inputs = ["gqa_cos_cache", "gqa_sin_cache"]
     for i in range(num_layers):
         ck, cv = producer.get(f"present.{i}.key"), producer.get(f"present.{i}.value")
         if ck is None or cv is None or ck.op_type != "Concat" or cv.op_type != "Concat":
@@ -92,17 +151,22 @@ def fuse_group_query_attention(src: Path, dst: Path, num_layers: int, num_heads:
             scale = v if scale_mul.op_type == "Mul" else 1.0 / v
         out = only(only(context.output[0], "Transpose").output[0], "Reshape")
 
-        def flat(x: str, tag: str) -> str:
+        def flat(x: str, tag: str, i=i) -> str:
             t = helper.make_node("Transpose", [x], [f"gqa_{i}_{tag}_bshd"], perm=[0, 2, 1, 3], name=f"gqa_{i}_{tag}_t")
             r = helper.make_node("Reshape", [t.output[0], "gqa_flat_shape"], [f"gqa_{i}_{tag}"], name=f"gqa_{i}_{tag}_r")
             added.extend([t, r])
             return r.output[0]
 
-        q, k, v = flat(scores.input[0], "q"), flat(ck.input[1], "k"), flat(cv.input[1], "v")
+        if rotary is None:
+            q, k = flat(scores.input[0], "q"), flat(ck.input[1], "k")
+        else:
+            q, k = bsd(unrotated(scores.input[0]), "q"), bsd(unrotated(ck.input[1]), "k")
+        v = flat(cv.input[1], "v")
+        extra = {"do_rotary": 1, "rotary_interleaved": 0} if rotary is not None else {}
         added.append(helper.make_node(
-            "GroupQueryAttention", [q, k, v, ck.input[0], cv.input[0], SEQLENS, TOTAL],
+            "GroupQueryAttention", [q, k, v, ck.input[0], cv.input[0], SEQLENS, TOTAL] + rotary_inputs,
             [out.output[0], f"present.{i}.key", f"present.{i}.value"], domain="com.microsoft",
-            name=f"gqa_{i}", num_heads=num_heads, kv_num_heads=kv_heads, scale=scale))
+            name=f"gqa_{i}", num_heads=num_heads, kv_num_heads=kv_heads, scale=scale, **extra))
         removed.update({id(ck), id(cv), id(out)})
     kept = [n for n in g.node if id(n) not in removed]
     del g.node[:]

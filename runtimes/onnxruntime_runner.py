@@ -15,7 +15,7 @@ import numpy as np
 from scr_export.config import SCRConfig
 from scr_export.diagnostic import query_mask
 from scr_export.errors import SCRExportError
-from scr_export.manifest import read_manifest
+from scr_export.manifest import QUANTIZED, read_manifest
 from scr_export.plan import SequencePlan, plan_sequence
 from scr_export.processing import VLMInputs, encode
 
@@ -134,29 +134,17 @@ class OrtVLM:
         ``attention``: which decoder runs one prompt. ``auto`` takes the GroupQueryAttention decoder where the
         directory has one and the provider runs it natively (CPU; CUDA for float16 graphs), else the eager one;
         batches of several prompts always run the eager decoder (loaded when first needed)."""
-        import onnxruntime as ort
-
         self._load_directory(directory)
         self.providers = pick_providers(device)
+        self.device = device
         self.unfused = unfused
         self.recorder = None  # callable(graph name, feed): sees every feed (the calibration reader records them)
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
         quant = self.manifest.get("quantization") or {}
         if quant and "CUDAExecutionProvider" in self.providers and self.manifest.get("precision") == "fp8":
             check_fp8_gpu()
-        if unfused:
-            opts.add_session_config_entry("session.disable_quant_qdq", "1")
-        elif quant.get("precision") == "int4":
-            # blocked int4 Q/DQ files (--to trt) are fused into MatMulNBits on the CPU: at the recorded level
-            opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level",
-                                          str(quant["int4_accuracy_level"]))
-        from runtimes.kernels.ort_library import attach
-
+        self.threads, self._quant, self._scr_kernel_mode = threads, quant, scr_kernel
         # what runs the SCRNeighbourInject nodes: the custom-op library when built, else their ONNX function body
-        self.scr_kernel = attach(opts, self.providers, scr_kernel)
-        self._opts, self._quant = opts, quant
+        self.scr_kernel = self._options("decoder")[1]
         self.attention = self._pick_attention(attention)
         self.sessions = {}
         self._input_types: dict[str, dict[str, Any]] = {}
@@ -207,6 +195,31 @@ class OrtVLM:
                                  f"({type(exc).__name__})", "the file is damaged or incomplete: convert the model "
                                  "again") from None
 
+    def _options(self, name: str):
+        """Session options of graph ``name`` and what runs its SCR nodes. Each session has its own thread pool,
+        and ONNX Runtime's pool threads spin after a run: on a small CPU the side graphs' spinning threads took the
+        cores from the decoder step that follows them (measured on small-llava, 2 cores: the prefill 150 ms alone,
+        190 ms right after the vision encoder). So only the decoders spin; the token embedding (a Gather) runs on
+        the calling thread."""
+        import onnxruntime as ort
+
+        from runtimes.kernels.ort_library import attach
+
+        opts = ort.SessionOptions()
+        if name == "embed_tokens":
+            opts.intra_op_num_threads = 1
+        elif self.threads:
+            opts.intra_op_num_threads = self.threads
+        if name not in ("decoder", GQA_DECODER):
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if self.unfused:
+            opts.add_session_config_entry("session.disable_quant_qdq", "1")
+        elif self._quant.get("precision") == "int4":
+            # blocked int4 Q/DQ files (--to trt) are fused into MatMulNBits on the CPU: at the recorded level
+            opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level",
+                                          str(self._quant["int4_accuracy_level"]))
+        return opts, attach(opts, self.providers, self._scr_kernel_mode)
+
     def _session(self, name: str):
         """The ONNX Runtime session of graph ``name``, loaded on first use (``decoder_gqa`` is the decoder's
         GroupQueryAttention variant, over the same weights file)."""
@@ -227,7 +240,7 @@ class OrtVLM:
             # The same values with zero point 128 are exactly the same arithmetic, so the file stays one
             path = self._rewritten(path, _uint8_activations)
         try:
-            session = ort.InferenceSession(str(path), self._opts, providers=self.providers)
+            session = ort.InferenceSession(str(path), self._options(graph)[0], providers=self.providers)
         except Exception as exc:  # ORT raises its own exception types for bad files
             raise SCRExportError(f"ONNX Runtime cannot load {path.name}: {str(exc).splitlines()[0]}",
                                  "the file is damaged or incomplete: convert the model again") from None
@@ -276,6 +289,29 @@ class OrtVLM:
         self.float_type = np.float16 if self.manifest.get("precision") == "fp16" and "gguf" not in self.manifest \
             else np.float32
 
+    # -- the runtime interface (runtimes.registry.VLMRuntime) ----------------------------------------------------
+    def float_gate(self) -> str:
+        precision = self.manifest["precision"]
+        return f"{precision}/float" if precision in QUANTIZED else precision
+
+    def engine_reference(self, family: Any, inputs: VLMInputs):
+        """Quantized graphs: the same graphs run unfused (kernel error apart from quantization error)."""
+        precision = self.manifest["precision"]
+        if precision not in QUANTIZED or self.unfused:
+            return None
+        return "engine", OrtVLM(self.dir, device=self.device, unfused=True, attention=self.attention), \
+            f"{precision}/engine"
+
+    def check_config(self, config: SCRConfig) -> None:
+        """The layer ranges are baked into the graphs: a config that asks for others is refused, not ignored."""
+        for name in ("layers", "diag_layers"):
+            want, have = tuple(getattr(config, name)), tuple(getattr(self.config, name))
+            if want != have:
+                flag = "--" + name.replace("_", "-")
+                raise SCRExportError(f"{name} {want[0]}..{want[1]} asked, but this directory's graphs have "
+                                     f"{have[0]}..{have[1]} built in", f"convert again with {flag} "
+                                     f"{want[0]}..{want[1]}, or leave {name} at the manifest's")
+
     # -- pieces -------------------------------------------------------------------------------------------------
     def encode(self, images: Sequence[Sequence[Any]], prompts: Sequence[str]) -> VLMInputs:
         return encode(self.family, images, prompts)
@@ -316,6 +352,10 @@ class OrtVLM:
 
         if batch != 1:
             raise ValueError(f"the GroupQueryAttention decoder runs one prompt at a time; got {batch}")
+        limit = self.manifest["graphs"]["decoder"].get("gqa", {}).get("max_positions")
+        if limit and max_len > limit:  # its rotary tables end there
+            raise SCRExportError(f"{max_len} tokens (prompt + new tokens) exceed the model's {limit} positions",
+                                 "shorten the prompt or ask for fewer new tokens")
         device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
         shape = (1, self.kv_heads, max_len, self.head_dim)
         io = self._session(GQA_DECODER).io_binding()
@@ -414,6 +454,7 @@ class OrtVLM:
         import torch
 
         config = config or self.config
+        self.check_config(config)
         fam = self.family
         batch, length = inputs.shape
         embeds = self.embed(inputs)

@@ -277,7 +277,8 @@ class Convert(Command):
         g.add_argument("--border", choices=["exclude", "include"])
 
     def run(self, args):
-        from .convert import QUANTIZED, convert_to_onnx
+        from .convert import convert_to_onnx
+        from .manifest import QUANTIZED
 
         precision = args.precision
         quant_flags = [f for f, v in (("--calib-data", args.calib_data), ("--calib-samples", args.calib_samples))
@@ -354,21 +355,9 @@ def _passed(reports) -> bool:
 
 
 def _runner(directory: str, device: str, runtime: str = "auto", attention: str = "auto"):
-    from .manifest import pick_runtime, read_manifest
+    from runtimes.registry import open_runtime
 
-    manifest = read_manifest(directory)
-    kind = pick_runtime(manifest, runtime)
-    if kind == "tensorrt":
-        from runtimes.tensorrt.runner import TrtVLM
-
-        return TrtVLM(directory)
-    if kind == "llamacpp":
-        from runtimes.llamacpp.runner import LlamaCppVLM
-
-        return LlamaCppVLM(directory)
-    from runtimes.onnxruntime_runner import OrtVLM
-
-    return OrtVLM(directory, device=device, attention=attention)
+    return open_runtime(directory, runtime, device=device, attention=attention)
 
 
 def add_attention_arg(p) -> None:

@@ -12,6 +12,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from .manifest import QUANTIZED
+from .sample import sample_image
+
 from . import __version__
 from .errors import SCRExportError
 from .manifest import checkpoint_hash, write_manifest
@@ -24,18 +29,6 @@ GRAPH_FILES = {"vision": "vision_encoder.onnx", "embed_tokens": "embed_tokens.on
 
 def _stderr(msg: str) -> None:
     print(f"[scr-export] {msg}", file=sys.stderr, flush=True)
-
-
-def sample_image():
-    """A structured synthetic image to trace the vision graph (any size the family accepts)."""
-    import numpy as np
-    from PIL import Image
-
-    # 224×168: multiples of 28, within Qwen2-VL's pixel limits, so every image path sees it without resizing
-    y, x = np.mgrid[0:168, 0:224]
-    img = np.stack([x / 224 * 255, y / 168 * 255, (np.sin(x / 13) * 0.5 + 0.5) * 255], -1)
-    img[40:100, 60:140] = [230, 40, 40]
-    return Image.fromarray(img.astype(np.uint8))
 
 
 def _versions() -> dict[str, str]:
@@ -109,8 +102,33 @@ def staged_directory(out: Path):
         raise
 
 
-QUANTIZED = ("int8", "int4", "fp8")
 GQA_FILE = "decoder_model_merged_gqa.onnx"
+
+
+def rotary_tables(fam, head_dim: int):
+    """(cos, sin) ``[max_positions, head_dim / 2]`` from the model's own rotary module, for GroupQueryAttention's
+    ``do_rotary``; None where the op cannot compute the model's rotary embedding (Qwen2-VL's M-RoPE, partial or
+    interleaved rotary) or no rotary module is found."""
+    import torch
+
+    if fam.name == "qwen2_vl":
+        return None  # 3-D positions: the op rotates by 1-D position
+    module = fam.model
+    for part in fam.layers_path.split(".")[:-1]:
+        module = getattr(module, part, None)
+    rotary = getattr(module, "rotary_emb", None)
+    positions = int(getattr(fam.text_config, "max_position_embeddings", 0) or 0)
+    if rotary is None or positions <= 0:
+        return None
+    with torch.no_grad():
+        cos, sin = rotary(torch.zeros(1, dtype=torch.float32), torch.arange(positions)[None])
+    cos, sin = cos[0].float().numpy(), sin[0].float().numpy()
+    half = head_dim // 2
+    if cos.shape[-1] != head_dim or not (np.array_equal(cos[:, :half], cos[:, half:])
+                                         and np.array_equal(sin[:, :half], sin[:, half:])):
+        return None
+    dtype = np.float16 if fam.model.dtype == torch.float16 else np.float32  # the graph's float type
+    return cos[:, :half].astype(dtype), sin[:, :half].astype(dtype)
 
 
 def convert_to_onnx(model: str, out: str | Path, *, precision: str = "fp32", exporter: str = "dynamo",
@@ -204,11 +222,24 @@ def convert_to_onnx(model: str, out: str | Path, *, precision: str = "fp32", exp
             decoder = manifest["graphs"]["decoder"]
             from graph_passes.ort_fusions import fuse_norms
 
+            from graph_passes.group_query_attention import AttentionPatternError
+
             heads = fam.text_config.num_attention_heads
-            fuse_group_query_attention(tmp / decoder["file"], tmp / GQA_FILE, fam.num_layers, heads, kv, head_dim)
+            rotary = rotary_tables(fam, head_dim)
+            try:
+                fuse_group_query_attention(tmp / decoder["file"], tmp / GQA_FILE, fam.num_layers, heads, kv, head_dim,
+                                           rotary=rotary)
+            except AttentionPatternError as exc:
+                if rotary is None:
+                    raise
+                progress(f"attention: the rotary embedding stays outside GroupQueryAttention ({exc})")
+                rotary = None
+                fuse_group_query_attention(tmp / decoder["file"], tmp / GQA_FILE, fam.num_layers, heads, kv, head_dim)
             fused = fuse_norms(tmp / GQA_FILE, tmp / GQA_FILE, heads, fam.text_config.hidden_size)
             decoder["gqa"] = {"file": GQA_FILE, "inputs": decoder["inputs"] + [SEQLENS, TOTAL],
-                              "weights": "the decoder's (same external data file)", "fused": fused}
+                              "weights": "the decoder's (same external data file)", "fused": fused,
+                              "rotary_inside": rotary is not None,
+                              "max_positions": int(rotary[0].shape[0]) if rotary is not None else None}
             write_manifest(tmp, manifest)
             progress(f"attention: {GQA_FILE} = the decoder with ONNX Runtime GroupQueryAttention on a shared KV "
                      "buffer and fused norms (same weights; one prompt at a time), beside the eager decoder (batches, TensorRT)")

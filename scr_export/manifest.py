@@ -11,6 +11,8 @@ from .errors import SCRExportError
 
 MANIFEST = "manifest.json"
 FORMAT = 1
+FLOAT = ("fp32", "fp16")
+QUANTIZED = ("int8", "int4", "fp8")  # ONNX / TensorRT precisions that go through calibration.quantize
 
 
 class ManifestError(SCRExportError):

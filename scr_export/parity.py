@@ -9,7 +9,6 @@ from typing import Any
 
 import numpy as np
 
-from .convert import QUANTIZED
 from .errors import SCRExportError
 
 # DESIGN.md's gates by precision (starting points; tighten with evidence)
@@ -173,60 +172,17 @@ def _jaccard(a, b) -> float:
 
 
 def default_inputs():
-    from .convert import sample_image
+    from .sample import sample_image
 
     return [[sample_image()]], ["What is in this picture? Describe the main object."]
-
-
-def image_features_override(family: Any, features: np.ndarray):
-    """Context manager: the family's vision tower returns ``features`` (e.g. llama.cpp's mmproj output) instead of
-    its own, so a reference can be fed exactly the image embeddings the runtime used."""
-    import contextlib
-
-    import torch
-
-    @contextlib.contextmanager
-    def ctx():
-        visual = family.model.model.visual
-        value = torch.from_numpy(np.ascontiguousarray(features))
-
-        def hook(module, args, output):
-            output.pooler_output = value.to(output.pooler_output.dtype)
-            return output
-
-        handle = visual.register_forward_hook(hook)
-        try:
-            yield
-        finally:
-            handle.remove()
-
-    return ctx()
-
-
-class TorchReference:
-    """A PyTorch model behind the runners' ``generate`` interface, so one comparison serves every pair."""
-
-    provider = "PyTorch (reference)"
-
-    def __init__(self, family: Any, context=None):
-        import contextlib
-
-        self.family = family
-        self.context = context or contextlib.nullcontext
-
-    def generate(self, inputs, *, config=None, scr: bool = True, max_new_tokens: int = 32, plan=None,
-                 stop_at_eos: bool = True, keep_prefill_logits: bool = False):
-        from .reference import generate
-
-        with self.context():
-            return generate(self.family, inputs, config, scr=scr, max_new_tokens=max_new_tokens, plan=plan,
-                            stop_at_eos=stop_at_eos, keep_prefill_logits=keep_prefill_logits)
 
 
 def _compare_runs(runner: Any, reference: Any, inputs: Any, cfg: Any, steps: int, precision: str) -> ParityReport:
     """One candidate runtime against a reference (a ``TorchReference`` or another runner), teacher-forced on the
     reference's own greedy tokens."""
     if not hasattr(reference, "generate"):
+        from .reference import TorchReference
+
         reference = TorchReference(reference)
     ref_on = reference.generate(inputs, config=cfg, max_new_tokens=steps, stop_at_eos=False, keep_prefill_logits=True)
     forced = ref_on.tokens.tolist()
@@ -261,15 +217,19 @@ def validate_directory(directory: str | Path, *, family: Any = None, images=None
                        device: str = "auto", runtime: str = "auto", attention: str = "auto"):
     """Compare the deployed run of ``directory`` with the PyTorch reference of the manifest's checkpoint.
 
-    ONNX directories give one report. GGUF directories give ``{"float": ..., "dequantized": ...}``: against the
-    float model (what users see) and against the same decoder on the GGUF's dequantized weights (engine error only);
-    the precision's gates apply to the dequantized comparison, the float one is gated only for f32.
+    The runtime is opened through the runtime registry (``runtimes.registry.open_runtime``) and judged against the
+    float32 model with the gate it names (``float_gate``). A runtime with an engine reference (``engine_reference``:
+    GGUF's dequantized weights, a quantized ONNX graph run unfused) is also judged against it, kernel error apart
+    from quantization error; then the result is ``{engine name: ..., "float": ...}``, else one report.
     """
+    from runtimes.registry import open_runtime
+
     from .loading import load_vlm
-    from .manifest import checkpoint_hash, pick_runtime, read_manifest
+    from .manifest import checkpoint_hash, read_manifest
+    from .reference import TorchReference
 
     manifest = read_manifest(directory)
-    kind = pick_runtime(manifest, runtime)
+    runner = open_runtime(directory, runtime, device=device, attention=attention)
     if family is None:
         family = load_vlm(manifest["source"]["model"])
         if checkpoint_hash(family.path) != manifest["source"]["sha256"]:
@@ -277,48 +237,14 @@ def validate_directory(directory: str | Path, *, family: Any = None, images=None
                                  "(its hash differs from the manifest's)", "convert again from the current checkpoint")
     if images is None:
         images, prompts = default_inputs()
-    if kind == "llamacpp":
-        from runtimes.llamacpp.quantize import dequantized_model
-        from runtimes.llamacpp.quirks import apply_quirks
-        from runtimes.llamacpp.runner import LlamaCppVLM
-
-        runner = LlamaCppVLM(directory)
-        inputs = runner.encode(images, prompts)
-        cfg = runner.config
-        g = manifest["gguf"]
-        deq = dequantized_model(family, Path(directory) / g["file"], g["qk_permuted"])
-        apply_quirks(deq, g["architecture"])  # engine reference: what llama.cpp is known to compute
-        precision = manifest["precision"]
-        same_images = None
-        if runner.mtmd is not None:  # engine error only: feed the reference llama.cpp's own image embeddings
-            features = runner.image_features(inputs)
-            same_images = lambda: image_features_override(deq, features)  # noqa: E731
-        return {"dequantized": _compare_runs(runner, TorchReference(deq, same_images), inputs, cfg, steps, precision),
-                "float": _compare_runs(runner, TorchReference(family), inputs, cfg, steps,
-                                       "fp32" if precision == "fp32" else "report")}
-    if kind == "tensorrt":
-        from runtimes.tensorrt.runner import TrtVLM
-
-        runner = TrtVLM(directory)
-    else:
-        from runtimes.onnxruntime_runner import OrtVLM
-
-        runner = OrtVLM(directory, device=device, attention=attention)
     inputs = runner.encode(images, prompts)
-    precision = manifest["precision"]
-    if precision not in QUANTIZED:
-        return _compare_runs(runner, TorchReference(family), inputs, runner.config, steps, precision)
-    # quantized graphs: against the float32 model (gated: what users see), and the quantized kernels against the
-    # same graph run unfused (gated: kernel error, apart from quantization error)
-    reports = {"float": _compare_runs(runner, TorchReference(family), inputs, runner.config, steps,
-                                      f"{precision}/float")}
-    if kind == "onnx":
-        from runtimes.onnxruntime_runner import OrtVLM
-
-        unfused = OrtVLM(directory, device=device, unfused=True, attention=attention)
-        reports["engine"] = _compare_runs(runner, unfused, inputs, runner.config, steps, f"{precision}/engine")
-    return reports
-
+    cfg = runner.config
+    engine = runner.engine_reference(family, inputs)
+    flt = _compare_runs(runner, TorchReference(family), inputs, cfg, steps, runner.float_gate())
+    if engine is None:
+        return flt
+    name, reference, gate = engine
+    return {name: _compare_runs(runner, reference, inputs, cfg, steps, gate), "float": flt}
 
 
 def report_to_dict(report) -> dict:

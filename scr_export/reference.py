@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -113,3 +114,46 @@ def generate(family: VLMFamily, inputs: VLMInputs, config: SCRConfig | None = No
              for row in tokens.tolist()]
     return GenerationResult(tokens=tokens, texts=texts, plan=plan, logits=logits_per_step,
                             prefill_logits=prefill_logits)
+
+
+def image_features_override(family: Any, features: np.ndarray):
+    """Context manager: the family's vision tower returns ``features`` (e.g. llama.cpp's mmproj output) instead of
+    its own, so a reference can be fed exactly the image embeddings the runtime used."""
+    import contextlib
+
+    import torch
+
+    @contextlib.contextmanager
+    def ctx():
+        visual = family.model.model.visual
+        value = torch.from_numpy(np.ascontiguousarray(features))
+
+        def hook(module, args, output):
+            output.pooler_output = value.to(output.pooler_output.dtype)
+            return output
+
+        handle = visual.register_forward_hook(hook)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    return ctx()
+
+
+class TorchReference:
+    """A PyTorch model behind the runners' ``generate`` interface, so one comparison serves every pair."""
+
+    provider = "PyTorch (reference)"
+
+    def __init__(self, family: Any, context=None):
+        import contextlib
+
+        self.family = family
+        self.context = context or contextlib.nullcontext
+
+    def generate(self, inputs, *, config=None, scr: bool = True, max_new_tokens: int = 32, plan=None,
+                 stop_at_eos: bool = True, keep_prefill_logits: bool = False):
+        with self.context():
+            return generate(self.family, inputs, config, scr=scr, max_new_tokens=max_new_tokens, plan=plan,
+                            stop_at_eos=stop_at_eos, keep_prefill_logits=keep_prefill_logits)

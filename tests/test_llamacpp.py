@@ -21,7 +21,8 @@ from runtimes.llamacpp.scr_hooks import AttentionCollector, MicroBatchError, ins
 from scr_export.config import SCRConfig  # noqa: E402
 from scr_export.diagnostic import attention_maps  # noqa: E402
 from scr_export.errors import SCRExportError  # noqa: E402
-from scr_export.parity import default_inputs, image_features_override  # noqa: E402
+from scr_export.parity import default_inputs  # noqa: E402
+from scr_export.reference import image_features_override  # noqa: E402
 from scr_export.reference import generate, plan_for_inputs  # noqa: E402
 
 GGUF_FAMILIES = ["llava", "internvl", "qwen2_vl", "chameleon"]

@@ -194,6 +194,12 @@ def test_group_query_attention_decoder_beside_the_eager_one(family_name, convert
     # ONNX Runtime's norm fusions: every RMSNorm (two a layer and the final one) is one fused node, none left as Pow
     assert ops.count("SimplifiedLayerNormalization") + ops.count("SkipSimplifiedLayerNormalization") == 2 * n_layers + 1
     assert "Pow" not in ops and manifest["graphs"]["decoder"]["gqa"]["fused"]
+    # the rotary embedding inside the op (do_rotary) where positions are 1-D; Qwen2-VL's M-RoPE stays outside
+    rotary_inside = family_name != "qwen2_vl"
+    assert manifest["graphs"]["decoder"]["gqa"]["rotary_inside"] == rotary_inside
+    attrs = [{a.name: a.i for a in n.attribute} for n in m.graph.node if n.op_type == "GroupQueryAttention"]
+    assert all(a.get("do_rotary", 0) == int(rotary_inside) for a in attrs)
+    assert ("Neg" in ops) != rotary_inside  # rotate_half's Neg is gone with the rotary
     locations = {e.value for i in m.graph.initializer for e in i.external_data if e.key == "location"}
     assert locations == {"decoder_model_merged.onnx.data"}  # the eager decoder's weights, not a copy
     eager = onnx.load(str(out / "decoder_model_merged.onnx"), load_external_data=False)
@@ -244,3 +250,37 @@ def test_attention_choice_errors(tmp_path, converted):
     with pytest.raises(SCRExportError, match="no GroupQueryAttention decoder") as exc:
         OrtVLM(eager_only, device="cpu", attention="gqa")
     assert "--attention gqa" in exc.value.fix
+
+
+def test_the_registry_opens_every_directory_through_one_interface(converted, tmp_path):
+    """validate and the CLI open runners through runtimes.registry: the manifest picks the runner, options that do
+    not apply to it are refused, and a config whose baked-in layer ranges differ is refused, not ignored."""
+    from runtimes.registry import VLMRuntime, open_runtime
+    from scr_export.errors import SCRExportError
+
+    out, _ = converted("llava")
+    runner = open_runtime(out, device="cpu", attention="eager")
+    assert isinstance(runner, OrtVLM) and isinstance(runner, VLMRuntime) and runner.attention == "eager"
+    assert runner.float_gate() == "fp32" and runner.engine_reference(None, None) is None
+    inputs = runner.encode([[make_image()]], ["Describe."])
+    for bad in (dict(layers=(0, 0)), dict(diag_layers=(0, 1))):
+        with pytest.raises(SCRExportError, match="built in") as exc:
+            runner.generate(inputs, config=runner.config.replace(**bad), max_new_tokens=1)
+        assert "convert again with --" in exc.value.fix
+    res = runner.generate(inputs, config=runner.config.replace(k=2, lam=1.3), max_new_tokens=1)  # run-time knobs
+    assert (res.plan.scale < 1).sum() == 2
+    with pytest.raises(SCRExportError, match="not TensorRT"):
+        open_runtime(out, "tensorrt")
+    # the context guard: the GroupQueryAttention decoder's rotary tables end at the model's positions
+    limit = json.loads((out / "manifest.json").read_text())["graphs"]["decoder"]["gqa"]["max_positions"]
+    with pytest.raises(SCRExportError, match=f"exceed the model's {limit} positions"):
+        OrtVLM(out, device="cpu").generate(inputs, max_new_tokens=limit)
+    res = run_cli("run", str(out), "--image", str(_saved(tmp_path)), "--prompt", "hi", "--attention", "gqa",
+                  "--runtime", "llamacpp")
+    assert res.returncode == 2 and "GGUF" in res.stderr
+
+
+def _saved(tmp_path):
+    image = tmp_path / "i.png"
+    make_image().save(image)
+    return image

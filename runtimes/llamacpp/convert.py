@@ -18,8 +18,9 @@ def convert_to_gguf(model: str, out: str | Path, *, quant: str = "q8_0", config_
                     force: bool = False, images: str = "auto", progress=print):
     """``images``: "mmproj" (llama.cpp's own projector via libmtmd), "onnx" (our exported vision encoder), or
     "auto" (mmproj where llama.cpp supports the family, else onnx)."""
-    from scr_export.convert import (GRAPH_FILES, check_out_dir, host_graphs, manifest_common, sample_image,
-                                    staged_directory, write_processing_files)
+    from scr_export.convert import (GRAPH_FILES, check_out_dir, host_graphs, manifest_common, staged_directory,
+                                    write_processing_files)
+    from scr_export.sample import sample_image
     from scr_export.loading import load_vlm
     from scr_export.manifest import write_manifest
     from scr_export.onnx_export.vision import export_embed_tokens, export_vision

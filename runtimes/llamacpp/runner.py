@@ -51,6 +51,29 @@ class LlamaCppVLM:
 
             self.mtmd = MtmdImages(self.dir / g["mmproj"], self.llama.model, threads=threads or 2)
 
+    # -- the runtime interface (runtimes.registry.VLMRuntime) ----------------------------------------------------
+    def float_gate(self) -> str:
+        """Against the float model: gated at f32; quantized GGUFs are gated against their own dequantized weights
+        (random tiny models exaggerate quantization error, so the float comparison is reported)."""
+        return "fp32" if self.manifest["precision"] == "fp32" else "report"
+
+    def engine_reference(self, family, inputs: VLMInputs):
+        """The same decoder in PyTorch on the GGUF's dequantized weights, with llama.cpp's known quirks, fed the
+        image features llama.cpp used: engine error alone."""
+        from scr_export.reference import TorchReference, image_features_override
+
+        from .quantize import dequantized_model
+        from .quirks import apply_quirks
+
+        g = self.manifest["gguf"]
+        deq = dequantized_model(family, self.dir / g["file"], g["qk_permuted"])
+        apply_quirks(deq, g["architecture"])
+        same_images = None
+        if self.mtmd is not None:
+            features = self.image_features(inputs)
+            same_images = lambda: image_features_override(deq, features)  # noqa: E731
+        return "dequantized", TorchReference(deq, same_images), self.manifest["precision"]
+
     def image_features(self, inputs: VLMInputs) -> np.ndarray:
         """Image-token features in sequence order: libmtmd (mmproj) or the ONNX vision encoder."""
         if self.mtmd is None:

@@ -64,7 +64,8 @@ def convert_to_trt(model: str, out: str | Path, *, precision: str = "fp16", limi
     int8 / fp8 / int4 come through ``calibration.quantize.convert_quantized``, which passes its ``quantize`` step:
     the engines are then built from the quantized Q/DQ files as they are (explicit quantization, strongly typed).
     """
-    from scr_export.convert import QUANTIZED, _stderr, convert_to_onnx
+    from scr_export.convert import _stderr, convert_to_onnx
+    from scr_export.manifest import QUANTIZED
 
     progress = progress or _stderr
     if precision not in ("fp32", "fp16") + QUANTIZED:

@@ -55,7 +55,7 @@ class ModelShape:
 
 def model_shape(family: Any) -> ModelShape:
     """Measure the model's image-token geometry with the family's own processor on the sample image."""
-    from scr_export.convert import sample_image
+    from scr_export.sample import sample_image
     from scr_export.processing import encode
 
     inputs = encode(family, [[sample_image()]], ["Describe the picture."])

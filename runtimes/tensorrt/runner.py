@@ -113,6 +113,7 @@ class TrtVLM(OrtVLM):
         self.providers = ["TensorRT"]
         self.recorder = None
         self.unfused = False
+        self.device = device
         self.attention = "eager"  # the engines are built from the eager decoder
         self.sessions = {g: TrtSession(self.dir / info["file"], trt_info["profiles"][g])
                          for g, info in engines["graphs"].items()}
