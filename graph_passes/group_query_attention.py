@@ -125,6 +125,19 @@ def fuse_group_query_attention(src: Path, dst: Path, num_layers: int, num_heads:
             return r.input[0]  # [B, S, heads·D] straight from the projection (and its bias)
         return flat(x, tag)
 
+    def packed_split(xs):
+        """The Split of one packed q/k/v projection whose outputs are, in order, what q, k and v reshape."""
+        raws = []
+        for x in xs:
+            t = single(x, "Transpose")
+            r = single(t.input[0], "Reshape") if t is not None else None
+            raws.append(r.input[0] if r is not None else None)
+        split = single(raws[0], "Split") if raws[0] is not None else None
+        if split is None or list(split.output) != raws:
+            return None
+        source = producer.get(split.input[0])
+        return split if source is not None and source.op_type in _PROJECTIONS else None
+
     removed, added = set(), []
     g.initializer.append(numpy_helper.from_array(np.array([0, 0, -1], np.int64), "gqa_flat_shape"))
     rotary_inputs: list[str] = []
@@ -158,10 +171,14 @@ def fuse_group_query_attention(src: Path, dst: Path, num_layers: int, num_heads:
             return r.output[0]
 
         if rotary is None:
-            q, k = flat(scores.input[0], "q"), flat(ck.input[1], "k")
+            xs = scores.input[0], ck.input[1], cv.input[1]
         else:
-            q, k = bsd(unrotated(scores.input[0]), "q"), bsd(unrotated(ck.input[1]), "k")
-        v = flat(cv.input[1], "v")
+            xs = unrotated(scores.input[0]), unrotated(ck.input[1]), cv.input[1]
+        split = packed_split(xs) if rotary is not None else None
+        if split is not None:  # q, k, v packed in one projection (pack_projections.py): the op unpacks them
+            q, k, v = split.input[0], "", ""
+        else:
+            q, k, v = bsd(xs[0], "q"), bsd(xs[1], "k"), bsd(xs[2], "v")
         extra = {"do_rotary": 1, "rotary_interleaved": 0} if rotary is not None else {}
         added.append(helper.make_node(
             "GroupQueryAttention", [q, k, v, ck.input[0], cv.input[0], SEQLENS, TOTAL] + rotary_inputs,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 from pathlib import Path
 
@@ -40,12 +41,14 @@ def fuse_norms(src: Path, dst: Path, num_heads: int, hidden_size: int) -> dict[s
             setattr(options, flag, False)
     cwd = os.getcwd()
     os.chdir(src.parent)  # anything that peeks at a constant resolves the external data from here
+    logging.disable(logging.WARNING)  # its per-fusion log lines and "model producer not matched": we choose
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             optimized = optimize_model(model, model_type="gpt2", num_heads=num_heads, hidden_size=hidden_size,
                                        opt_level=0, optimization_options=options, only_onnxruntime=False)
     finally:
         os.chdir(cwd)
+        logging.disable(logging.NOTSET)
     stats = {k: v for k, v in optimized.get_fused_operator_statistics().items() if k in FUSED}
     onnx.save(optimized.model, str(dst))
     return stats

@@ -302,6 +302,9 @@ class OrtVLM:
         return "engine", OrtVLM(self.dir, device=self.device, unfused=True, attention=self.attention), \
             f"{precision}/engine"
 
+    def context_limit(self) -> tuple[int | None, str]:
+        return getattr(self.family.text_config, "max_position_embeddings", None), "the model's positions"
+
     def check_config(self, config: SCRConfig) -> None:
         """The layer ranges are baked into the graphs: a config that asks for others is refused, not ignored."""
         for name in ("layers", "diag_layers"):
@@ -453,10 +456,14 @@ class OrtVLM:
                  stop_at_eos: bool = True) -> OrtResult:
         import torch
 
+        from runtimes.registry import check_context
+
         config = config or self.config
         self.check_config(config)
         fam = self.family
         batch, length = inputs.shape
+        check_context(length, max_new_tokens if forced_tokens is None else len(forced_tokens[0]),
+                      *self.context_limit())
         embeds = self.embed(inputs)
         positions = fam.forward_inputs(inputs.tensors)["position_ids"].numpy()
         maps: list = []

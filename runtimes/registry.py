@@ -47,6 +47,15 @@ class VLMRuntime(Protocol):
         """(name, reference with ``generate``, gate) that isolates this engine's own error, or None."""
 
 
+def check_context(length: int, new_tokens: int, limit: int | None, what: str) -> None:
+    """Refuse a prompt (image tokens included) plus the tokens to generate that exceed ``limit`` positions, before
+    anything is allocated. ``what`` names the limit (the model's positions, the engines' max_seq, n_ctx)."""
+    if limit and length + new_tokens > limit:
+        raise SCRExportError(f"the prompt is {length} tokens (image tokens included) and {new_tokens} more are asked "
+                             f"for: {length + new_tokens} exceed {what} ({limit})",
+                             "shorten the prompt, use fewer or smaller images, or ask for fewer new tokens")
+
+
 def open_runtime(directory: str | Path, runtime: str = "auto", *, device: str = "auto", attention: str = "auto",
                  threads: int | None = None) -> VLMRuntime:
     """Open ``directory`` with ``runtime`` ("auto": as the manifest says). ``device`` and ``attention`` apply to
@@ -69,4 +78,4 @@ def open_runtime(directory: str | Path, runtime: str = "auto", *, device: str = 
     return cls(directory, threads=threads)
 
 
-__all__ = ["RUNTIMES", "VLMRuntime", "open_runtime"]
+__all__ = ["RUNTIMES", "VLMRuntime", "check_context", "open_runtime"]

@@ -422,7 +422,8 @@ class Validate(Command):
         p.add_argument("--image", action="append", metavar="IMG", help="image(s) to validate on (default: synthetic)")
         p.add_argument("--prompt", default="What is in this picture? Describe the main object.", metavar="TEXT")
         p.add_argument("--steps", type=int, default=16, help="teacher-forced decode steps (default 16)")
-        p.add_argument("--json", metavar="FILE", help="write the report as JSON (default DIR/parity.json)")
+        p.add_argument("--json", metavar="FILE", help="also write the report as JSON to FILE (nothing is ever "
+                       "written into DIR: it may be read-only on a device)")
         p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
         p.add_argument("--runtime", choices=["auto", "onnx", "tensorrt", "llamacpp"], default="auto",
                        help="auto: as the directory was converted (TensorRT engines for --to trt)")
@@ -441,10 +442,10 @@ class Validate(Command):
         _log("running the deployed model and the PyTorch reference ...")
         report = validate_directory(args.dir, images=images, prompts=prompts, steps=args.steps, device=args.device,
                                     runtime=args.runtime, attention=args.attention)
-        out = Path(args.json) if args.json else Path(args.dir) / "parity.json"
-        write_report(report, out)
         print(_tables(report))
-        _log(f"report written to {out}")
+        if args.json:
+            write_report(report, args.json)
+            _log(f"report written to {args.json}")
         return 0 if _passed(report) else 1
 
 

@@ -216,7 +216,7 @@ def convert_to_onnx(model: str, out: str | Path, *, precision: str = "fp32", exp
             quantize(tmp, manifest, fam)
             write_manifest(tmp, manifest)
         if attention == "gqa":
-            from graph_passes.group_query_attention import SEQLENS, TOTAL, fuse_group_query_attention
+            from graph_passes.group_query_attention import fuse_group_query_attention
 
             kv, head_dim = manifest["decoder"]["kv_heads"], manifest["decoder"]["head_dim"]
             decoder = manifest["graphs"]["decoder"]
@@ -226,6 +226,12 @@ def convert_to_onnx(model: str, out: str | Path, *, precision: str = "fp32", exp
 
             heads = fam.text_config.num_attention_heads
             rotary = rotary_tables(fam, head_dim)
+            if rotary is not None and (manifest.get("quantization") or {}).get("graphs", {}).get(
+                    "decoder", {}).get("format") == "matmulnbits":
+                from graph_passes.pack_projections import pack_qkv
+
+                packed = pack_qkv(tmp / decoder["file"], heads, kv, head_dim)  # bit-identical, one kernel a layer
+                decoder["packed_qkv_layers"] = packed
             try:
                 fuse_group_query_attention(tmp / decoder["file"], tmp / GQA_FILE, fam.num_layers, heads, kv, head_dim,
                                            rotary=rotary)
@@ -236,7 +242,10 @@ def convert_to_onnx(model: str, out: str | Path, *, precision: str = "fp32", exp
                 rotary = None
                 fuse_group_query_attention(tmp / decoder["file"], tmp / GQA_FILE, fam.num_layers, heads, kv, head_dim)
             fused = fuse_norms(tmp / GQA_FILE, tmp / GQA_FILE, heads, fam.text_config.hidden_size)
-            decoder["gqa"] = {"file": GQA_FILE, "inputs": decoder["inputs"] + [SEQLENS, TOTAL],
+            import onnx
+
+            gqa_inputs = [i.name for i in onnx.load(str(tmp / GQA_FILE), load_external_data=False).graph.input]
+            decoder["gqa"] = {"file": GQA_FILE, "inputs": gqa_inputs,  # position_ids go with the rotary inside
                               "weights": "the decoder's (same external data file)", "fused": fused,
                               "rotary_inside": rotary is not None,
                               "max_positions": int(rotary[0].shape[0]) if rotary is not None else None}

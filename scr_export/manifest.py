@@ -32,7 +32,13 @@ def checkpoint_hash(path: Path) -> str:
 
 
 def write_manifest(directory: Path, data: dict[str, Any]) -> None:
-    (directory / MANIFEST).write_text(json.dumps({"format": FORMAT, **data}, indent=2, sort_keys=True))
+    """Atomically: a reader (or a crash) never sees a half-written manifest."""
+    import os
+
+    path = Path(directory) / MANIFEST
+    tmp = path.with_name(f".{MANIFEST}.tmp")
+    tmp.write_text(json.dumps({"format": FORMAT, **data}, indent=2, sort_keys=True))
+    os.replace(tmp, path)
 
 
 def read_manifest(directory: str | Path) -> dict[str, Any]:

@@ -273,8 +273,9 @@ def test_the_registry_opens_every_directory_through_one_interface(converted, tmp
         open_runtime(out, "tensorrt")
     # the context guard: the GroupQueryAttention decoder's rotary tables end at the model's positions
     limit = json.loads((out / "manifest.json").read_text())["graphs"]["decoder"]["gqa"]["max_positions"]
-    with pytest.raises(SCRExportError, match=f"exceed the model's {limit} positions"):
+    with pytest.raises(SCRExportError, match=rf"exceed the model's positions \({limit}\)") as exc:
         OrtVLM(out, device="cpu").generate(inputs, max_new_tokens=limit)
+    assert "fewer new tokens" in exc.value.fix
     res = run_cli("run", str(out), "--image", str(_saved(tmp_path)), "--prompt", "hi", "--attention", "gqa",
                   "--runtime", "llamacpp")
     assert res.returncode == 2 and "GGUF" in res.stderr
@@ -284,3 +285,31 @@ def _saved(tmp_path):
     image = tmp_path / "i.png"
     make_image().save(image)
     return image
+
+
+def test_run_and_validate_never_write_into_the_directory(converted, tmp_path):
+    """A converted directory may be read-only on a device: run and validate leave it byte for byte as it was
+    (checked by contents and times, since root ignores chmod), and validate's JSON goes where --json says."""
+    import stat
+
+    src, _ = converted("llava")
+    d = _copy(src, tmp_path / "ro")
+
+    def snapshot():
+        return {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in d.iterdir()}
+
+    before = snapshot()
+    for p in [d, *d.iterdir()]:
+        p.chmod(p.stat().st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+    try:
+        res = run_cli("run", str(d), "--image", str(_saved(tmp_path)), "--prompt", "hi", "--max-new-tokens", "2")
+        assert res.returncode == 0, res.stderr
+        report = tmp_path / "reports" / "parity.json"
+        report.parent.mkdir()
+        res = run_cli("validate", str(d), "--steps", "2", "--json", str(report))
+        assert res.returncode == 0, res.stderr
+        assert json.loads(report.read_text())["passed"]
+        assert snapshot() == before
+    finally:
+        for p in [d, *d.iterdir()]:
+            p.chmod(p.stat().st_mode | stat.S_IWUSR)

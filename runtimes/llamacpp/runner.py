@@ -153,9 +153,13 @@ class LlamaCppVLM:
                  plan: SequencePlan | None = None, config: SCRConfig | None = None,
                  forced_tokens: Sequence[Sequence[int]] | None = None, keep_prefill_logits: bool = False,
                  stop_at_eos: bool = True) -> OrtResult:
+        from runtimes.registry import check_context
+
         config = (config or self.config).clamped(self.family.num_layers)
         fam = self.family
         length = inputs.shape[1]
+        check_context(length, max_new_tokens if forced_tokens is None else len(forced_tokens[0]), self.llama.n_ctx,
+                      "the llama.cpp context (n_ctx)")
         embeds = self.embed(inputs)
         maps: list = []
         if not scr:

@@ -97,6 +97,12 @@ class TrtSession:
 class TrtVLM(OrtVLM):
     """A converted directory whose TensorRT engines have been built (``build_engines.sh`` or build-engines)."""
 
+    def context_limit(self) -> tuple[int | None, str]:
+        return self.manifest["tensorrt"]["limits"].get("max_seq"), "the engines' --max-seq"
+
+    def engine_reference(self, family, inputs):
+        return None  # the engines are the only kernels here; the float comparison is the report
+
     def __init__(self, directory: str | Path, device: str = "auto", threads: int | None = None,
                  scr_kernel: str | None = None):
         self._load_directory(directory)
