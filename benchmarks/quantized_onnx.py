@@ -75,13 +75,24 @@ def time_directory(out: Path, attention: str, inputs_of, threads: int, repeats: 
 
 
 def loop_step_ms(runner, inputs, plan, repeats: int, steps: int = LOOP_STEPS) -> float:
-    """A decode step as the runner's greedy loop pays it (graph + host work), averaged over ``steps`` tokens after
-    the prefill: (T(1 + steps tokens) - T(1 token)) / steps, medians of the two."""
-    n = max(3, repeats // 2)
-    one = median_ms(lambda: runner.generate(inputs, plan=plan, max_new_tokens=1, stop_at_eos=False), n, warmup=1)
-    many = median_ms(lambda: runner.generate(inputs, plan=plan, max_new_tokens=1 + steps, stop_at_eos=False), n,
-                     warmup=1)
-    return (many - one) / steps
+    """A decode step as the runner's greedy loop pays it (graph + host work): the time between the token-embedding
+    calls of steps 1 and ``steps`` (the runner's recorder sees every feed; the first embedding call is the
+    prompt's), divided by the steps between them; median over ``repeats`` responses. GenAI's loop is timed the
+    same way (its generate_next_token calls after the prefill)."""
+    import time
+
+    stamps: list[float] = []
+    runner.recorder = lambda name, feed: stamps.append(time.perf_counter()) if name == "embed_tokens" else None
+    per_step = []
+    try:
+        for i in range(repeats + 1):
+            stamps.clear()
+            runner.generate(inputs, plan=plan, max_new_tokens=steps + 1, stop_at_eos=False)
+            if i:  # the first response warms up
+                per_step.append((stamps[-1] - stamps[1]) * 1e3 / (len(stamps) - 2))
+    finally:
+        runner.recorder = None
+    return float(np.median(per_step))
 
 
 def time_shared_kv(runner, inputs, out: Path, repeats: int) -> dict:

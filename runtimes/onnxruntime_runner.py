@@ -316,6 +316,12 @@ class OrtVLM:
                                      f"{want[0]}..{want[1]}, or leave {name} at the manifest's")
 
     # -- pieces -------------------------------------------------------------------------------------------------
+    def positions(self, inputs: VLMInputs) -> tuple[np.ndarray, np.ndarray]:
+        """Prefill position ids and the first generated token's (numpy, once per request)."""
+        arrays = {k: v.numpy() if hasattr(v, "numpy") else np.asarray(v) for k, v in inputs.tensors.items()
+                  if k in ("input_ids", "attention_mask", "image_grid_thw")}
+        return self.family.host_positions(arrays)
+
     def encode(self, images: Sequence[Sequence[Any]], prompts: Sequence[str]) -> VLMInputs:
         return encode(self.family, images, prompts)
 
@@ -443,7 +449,7 @@ class OrtVLM:
     def plan(self, inputs: VLMInputs, config: SCRConfig | None = None) -> SequencePlan:
         config = config or self.config
         embeds = self.embed(inputs)
-        positions = self.family.forward_inputs(inputs.tensors)["position_ids"].numpy()
+        positions, _ = self.positions(inputs)
         maps = self.attention_maps(inputs, embeds, positions)
         plan = plan_sequence(inputs.layouts, maps, inputs.shape[1], config)
         plan.attention = maps
@@ -454,8 +460,6 @@ class OrtVLM:
                  plan: SequencePlan | None = None, config: SCRConfig | None = None,
                  forced_tokens: Sequence[Sequence[int]] | None = None, keep_prefill_logits: bool = False,
                  stop_at_eos: bool = True) -> OrtResult:
-        import torch
-
         from runtimes.registry import check_context
 
         config = config or self.config
@@ -465,7 +469,7 @@ class OrtVLM:
         check_context(length, max_new_tokens if forced_tokens is None else len(forced_tokens[0]),
                       *self.context_limit())
         embeds = self.embed(inputs)
-        positions = fam.forward_inputs(inputs.tensors)["position_ids"].numpy()
+        positions, first_pos = self.positions(inputs)
         maps: list = []
         if not scr:
             plan = SequencePlan.identity(batch, length)
@@ -491,11 +495,8 @@ class OrtVLM:
         finished = np.zeros(batch, bool)
         tokens, logits = [], []
         identity = SequencePlan.identity(batch, 1)
-        # decode positions grow by one a step in every family (the newest token's text position; Qwen2-VL adds its
-        # rope delta on all three axes), so the family's rule runs once, and the mask is one preallocated array
+        # decode positions grow by one a step in every family (scr_export.positions); the mask is one array
         mask_all = np.concatenate([am, np.ones((batch, max(steps - 1, 0)), am.dtype)], axis=1)
-        first_pos = fam.decode_position_ids(inputs.tensors, torch.from_numpy(mask_all[:, :length + 1])).numpy() \
-            if steps > 1 else None
         for step in range(steps):
             logits.append(last)
             if forced_tokens is not None:

@@ -425,3 +425,52 @@ def test_quantized_group_query_attention_and_eager_decoders_both_validate(precis
     _within_known_failures(eager["float"], precision)
     for a, b in zip(eager["float"].comparisons, reports["float"].comparisons):
         assert abs(a.cosine - b.cosine) <= 1e-3, (a, b)
+
+
+def test_packed_qkv_is_bit_identical_and_feeds_group_query_attention(tmp_path, quantized):
+    """pack_qkv turns a layer's q, k, v MatMulNBits into one plus a Split: the same logits bit for bit (blocks run
+    along K, packing stacks along N). The default int4 conversion packs LLaVA's layers and feeds the packed output
+    to GroupQueryAttention (rotary inside, no separate key/value inputs)."""
+    import shutil
+
+    import onnx
+    import onnxruntime as ort
+
+    from graph_passes.pack_projections import pack_qkv
+
+    out, _ = convert_quantized("tiny-llava", tmp_path / "eager", spec=QuantizeSpec("int4"), attention="eager",
+                               progress=lambda m: None)
+    manifest = json.loads((out / "manifest.json").read_text())
+    d = manifest["decoder"]
+    assert "gqa" not in manifest["graphs"]["decoder"] and "packed_qkv_layers" not in manifest["graphs"]["decoder"]
+    packed_dir = tmp_path / "packed"
+    packed_dir.mkdir()
+    for f in out.glob("decoder_model_merged.onnx*"):
+        shutil.copy(f, packed_dir / f.name)
+    src, dst = out / "decoder_model_merged.onnx", packed_dir / "decoder_model_merged.onnx"
+    heads = load("tiny-llava").text_config.num_attention_heads
+    assert pack_qkv(dst, heads, d["kv_heads"], d["head_dim"]) == d["num_layers"]
+    ops = [n.op_type for n in onnx.load(str(dst), load_external_data=False).graph.node]
+    before = [n.op_type for n in onnx.load(str(src), load_external_data=False).graph.node]
+    assert ops.count("MatMulNBits") == before.count("MatMulNBits") - 2 * d["num_layers"]
+    assert ops.count("SCRNeighbourInject") == before.count("SCRNeighbourInject")
+    rng = np.random.default_rng(0)
+    sessions = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for p in (src, dst)]
+    hidden = sessions[0].get_inputs()[0].shape[-1]
+    feed = {"inputs_embeds": rng.standard_normal((1, 7, hidden)).astype(np.float32),
+            "attention_mask": np.ones((1, 7), np.int64), "position_ids": np.arange(7)[None],
+            "scr_donor": np.arange(7)[None].astype(np.int64), "scr_scale": np.ones((1, 7), np.float32),
+            "scr_weight": np.zeros((1, 7), np.float32)}
+    feed["scr_scale"][0, 3], feed["scr_weight"][0, 4], feed["scr_donor"][0, 4] = 1 / 1.1, 0.1, 3
+    for i in range(d["num_layers"]):
+        for k in ("key", "value"):
+            feed[f"past_key_values.{i}.{k}"] = np.zeros((1, d["kv_heads"], 0, d["head_dim"]), np.float32)
+    wanted = [{i.name for i in s.get_inputs()} for s in sessions]
+    a, b = (s.run(["logits"], {k: v for k, v in feed.items() if k in w})[0] for s, w in zip(sessions, wanted))
+    assert np.array_equal(a, b)
+    # the default conversion packs and hands the packed projection to the op
+    default, _ = quantized("llava", "int4")
+    dm = json.loads((default / "manifest.json").read_text())["graphs"]["decoder"]
+    assert dm["packed_qkv_layers"] == d["num_layers"] and dm["gqa"]["rotary_inside"]
+    g = onnx.load(str(default / dm["gqa"]["file"]), load_external_data=False)
+    assert all(n.input[1] == "" and n.input[2] == "" for n in g.graph.node if n.op_type == "GroupQueryAttention")

@@ -114,19 +114,13 @@ class LlamaCppVLM:
             raise SCRExportError("the llama.cpp runner takes one prompt at a time", "pass a single prompt")
         return inputs
 
-    def _positions(self, inputs: VLMInputs) -> np.ndarray | None:
-        """M-RoPE rows [3, T] for Qwen2-VL (the family's own rope index); None for 1-D positions 0..T-1."""
+    def _positions(self, inputs: VLMInputs) -> tuple[np.ndarray | None, int | None]:
+        """M-RoPE rows [3, T] for Qwen2-VL and its first generated token's position (numpy, once per request);
+        None, None for 1-D positions 0..T-1."""
         if not self.family.uses_mrope:
-            return None
-        return self.family.forward_inputs(inputs.tensors)["position_ids"][:, 0].numpy()
-
-    def _decode_position(self, inputs: VLMInputs, step: int) -> int | None:
-        if not self.family.uses_mrope:
-            return None
-        import torch
-
-        mask = torch.ones(1, inputs.shape[1] + step + 1, dtype=torch.long)
-        return int(self.family.decode_position_ids(inputs.tensors, mask)[0, 0, 0])
+            return None, None
+        prefill, first = self.images.positions(inputs)
+        return prefill[:, 0], int(first[0, 0, 0])
 
     def attention_maps(self, inputs: VLMInputs, embeds: np.ndarray, config: SCRConfig):
         cb = self.llama.callback
@@ -136,7 +130,7 @@ class LlamaCppVLM:
         self.llama.reset()
         cb.active = True
         try:
-            self.llama.decode_embeddings(embeds[0], want_logits=False, positions=self._positions(inputs))
+            self.llama.decode_embeddings(embeds[0], want_logits=False, positions=self._positions(inputs)[0])
         finally:
             cb.active = False
             cb.handlers.clear()
@@ -174,7 +168,8 @@ class LlamaCppVLM:
         self.llama.reset()
         cb.active = not plan.is_identity  # no hook at all for an identity plan: bit-identical to plain llama.cpp
         try:
-            logits = self.llama.decode_embeddings(embeds[0], want_logits=True, positions=self._positions(inputs))
+            positions, first_position = self._positions(inputs)
+            logits = self.llama.decode_embeddings(embeds[0], want_logits=True, positions=positions)
             fix_logits(self.architecture, logits, self.masked_ids)
         finally:
             cb.active = False
@@ -198,7 +193,8 @@ class LlamaCppVLM:
                 break
             if step == steps - 1:
                 break
-            last = fix_logits(self.architecture, self.llama.decode_token(nxt, self._decode_position(inputs, step)),
+            position = None if first_position is None else first_position + step
+            last = fix_logits(self.architecture, self.llama.decode_token(nxt, position),
                               self.masked_ids).astype(np.float32)
         toks = np.asarray([tokens], np.int64)
         pad = fam.tokenizer.pad_token_id

@@ -179,6 +179,13 @@ class VLMFamily:
         kw["position_ids"] = text_positions(inputs["attention_mask"])
         return kw
 
+    def host_positions(self, arrays: dict) -> tuple:
+        """Numpy, once per request (``scr_export.positions``): the prefill position ids and the first generated
+        token's; each later decode step adds 1. ``arrays``: input_ids, attention_mask and the family's extras."""
+        from ..positions import text_positions as host_text_positions
+
+        return host_text_positions(arrays["attention_mask"])
+
     def decode_position_ids(self, inputs: dict[str, "torch.Tensor"], attention_mask: "torch.Tensor"):
         """Position ids of the newest token for a KV-cached decode step; ``attention_mask`` covers all tokens."""
         return text_positions(attention_mask)[:, -1:]

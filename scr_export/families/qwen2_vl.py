@@ -84,6 +84,12 @@ class Qwen2VLFamily(VLMFamily):
                 "pixel_values": inputs["pixel_values"], "image_grid_thw": inputs["image_grid_thw"],
                 "mm_token_type_ids": self.mm_token_type_ids(inputs["input_ids"]), "position_ids": position_ids}
 
+    def host_positions(self, arrays):
+        from ..positions import mrope
+
+        return mrope(arrays["input_ids"], arrays["attention_mask"], arrays["image_grid_thw"], self.image_token_id,
+                     self.merge)
+
     def decode_position_ids(self, inputs, attention_mask):
         _, deltas = self.rope_index(inputs)
         pos = text_positions(attention_mask)[:, -1:] + deltas.to(attention_mask.device)
