@@ -523,6 +523,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# a package a command imports lazily -> the extra that installs it (pyproject.toml's optional dependencies)
+MISSING_EXTRA = {"onnx": "onnx", "onnx_ir": "onnx", "onnxscript": "onnx", "onnxruntime": "onnx",
+                 "llama_cpp": "llamacpp", "gguf": "llamacpp", "onnxruntime_genai": "bench"}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -536,6 +541,15 @@ def main(argv: list[str] | None = None) -> int:
         if exc.fix:
             print(f"  fix: {exc.fix}", file=sys.stderr)
         return exc.exit_code
+    except ModuleNotFoundError as exc:
+        package = (exc.name or "").split(".")[0]
+        extra = MISSING_EXTRA.get(package)
+        if extra is None:
+            raise
+        print(f"scr-export {args.command}: error: this command needs {package}, which is not installed",
+              file=sys.stderr)
+        print(f"  fix: pip install 'scr-export[{extra}]'", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -233,3 +233,34 @@ def test_ci_runs_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text().replace(" -q", "")
     for cmd in installs:
         assert cmd in ci, f"README's {cmd!r} is not what .ci/run runs"
+
+
+_BLOCKED_RUN = """
+import sys, importlib.abc
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] == {blocked!r}:
+            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+sys.meta_path.insert(0, Block())
+for m in [m for m in sys.modules if m.split(".")[0] == {blocked!r}]:
+    del sys.modules[m]
+from scr_export.cli import main
+sys.exit(main({argv!r}))
+"""
+
+
+@pytest.mark.parametrize("blocked, argv, extra", [
+    ("llama_cpp", ["convert", "tiny-llava", "--to", "gguf", "--out", "{out}"], "llamacpp"),
+    ("gguf", ["convert", "tiny-llava", "--to", "gguf", "--quant", "q8_0", "--out", "{out}"], "llamacpp"),
+])
+def test_a_missing_extra_is_named_with_exit_2_and_no_output(blocked, argv, extra, tmp_path):
+    """A command whose runtime package is missing says which extra installs it (exit 2, one line and a fix), never
+    an ImportError traceback, and leaves no output directory."""
+    out = tmp_path / "out"
+    argv = [a.format(out=out) for a in argv]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    res = subprocess.run([sys.executable, "-c", _BLOCKED_RUN.format(blocked=blocked, argv=argv)], capture_output=True,
+                         text=True, env=env, timeout=600)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert f"needs {blocked}, which is not installed" in res.stderr and f"pip install 'scr-export[{extra}]'" in res.stderr
+    assert "Traceback" not in res.stderr and not out.exists()
