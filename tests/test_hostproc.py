@@ -1,0 +1,99 @@
+"""Torch-free pre-processing (scr_export.hostproc) against transformers' own processors, per family: pixel values
+on an image zoo (grey, RGBA, palette with transparency, 16-bit, 32-bit int and float, CMYK, EXIF-rotated, very wide,
+very tall, tiny, large) to <= 1e-6, and token ids identical for the prompts `encode` builds."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import TINY_PRESETS, load, make_image
+from scr_export.hostproc import HostTokenizer, process
+from scr_export.processing import encode
+
+
+def _zoo() -> dict[str, Image.Image]:
+    rng = np.random.default_rng(7)
+    base = make_image(200, 140, seed=1)
+    rgba = Image.fromarray(rng.integers(0, 256, (90, 130, 4), dtype=np.uint8), "RGBA")
+    palette = base.convert("P")
+    palette.info["transparency"] = 5
+    exif = io.BytesIO()
+    e = Image.Exif()
+    e[0x0112] = 6  # rotated 90°: transformers ignores the tag for PIL inputs, and so must we
+    make_image(160, 90, seed=2).save(exif, "JPEG", exif=e)
+    exif.seek(0)
+    return {
+        "rgb": base, "grey": base.convert("L"), "grey+alpha": rgba.convert("LA"), "rgba": rgba, "palette": palette,
+        "16-bit": Image.fromarray(rng.integers(0, 65535, (60, 70), dtype=np.uint16)),
+        "int32": Image.fromarray(rng.integers(0, 1000, (60, 70), dtype=np.int32)),
+        "float": Image.fromarray((rng.random((60, 70), dtype=np.float32) * 300)),
+        "cmyk": make_image(150, 110, seed=3).convert("CMYK"), "exif-rotated": Image.open(exif),
+        "very wide": make_image(1200, 30, seed=4), "very tall": make_image(30, 700, seed=5),
+        "tiny": make_image(5, 4, seed=6), "large": make_image(1500, 1100, seed=8),
+    }
+
+
+ZOO = _zoo()
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_pixels_equal_the_transformers_processor(family_name, name):
+    fam = load(TINY_PRESETS[family_name])
+    cfg = fam.image_processor.to_dict()
+    image = ZOO[name]
+    try:
+        want = fam.image_processor(images=[image], return_tensors="np")
+    except Exception as exc:  # transformers refuses it: so must we, with an InputError
+        from scr_export.errors import InputError
+
+        with pytest.raises(InputError):
+            process([image], cfg)
+        pytest.skip(f"transformers refuses {name} for {family_name} ({str(exc)[:60]}); ours refuses it too")
+    got = process([image], cfg)
+    assert got["pixel_values"].dtype == np.float32
+    assert got["pixel_values"].shape == want["pixel_values"].shape
+    assert np.abs(got["pixel_values"] - want["pixel_values"]).max() <= 1e-6
+    for key in ("image_grid_thw", "num_patches"):
+        if key in want:
+            np.testing.assert_array_equal(got[key], want[key])
+
+
+def test_a_batch_of_different_images_in_one_call(family_name):
+    fam = load(TINY_PRESETS[family_name])
+    images = [ZOO["rgb"], ZOO["very wide"], ZOO["rgba"]]
+    want = fam.image_processor(images=images, return_tensors="np")
+    got = process(images, fam.image_processor.to_dict())
+    assert np.abs(got["pixel_values"] - want["pixel_values"]).max() <= 1e-6
+
+
+def test_token_ids_equal_the_transformers_tokenizer(family_name, tmp_path):
+    """The tokenizer files a converted directory holds (save_pretrained) give the same ids and the same left
+    padding as the transformers tokenizer encode() uses, for one and several images and a padded batch."""
+    fam = load(TINY_PRESETS[family_name])
+    fam.tokenizer.save_pretrained(tmp_path)
+    tok = HostTokenizer(tmp_path)
+    inputs = encode(fam, [[make_image()], [make_image(seed=2), make_image(120, 200, seed=3)]],
+                    ["Is there a red block in this picture?", "Compare."])
+    got = tok(inputs.texts)
+    np.testing.assert_array_equal(got["input_ids"], inputs.input_ids.numpy())
+    np.testing.assert_array_equal(got["attention_mask"], inputs.attention_mask.numpy())
+    ids = inputs.input_ids[0, -8:].tolist()
+    assert tok.decode(ids) == fam.tokenizer.decode(ids)
+    assert tok.eos_token_id == fam.tokenizer.eos_token_id
+
+
+def test_unsupported_processors_are_refused_with_the_fix():
+    from scr_export.errors import InputError
+
+    with pytest.raises(InputError, match="no torch-free pre-processing") as exc:
+        process([ZOO["rgb"]], {"image_processor_type": "SiglipImageProcessor"})
+    assert "supported:" in exc.value.fix
+    cfg = json.loads(json.dumps(load(TINY_PRESETS["llava"]).image_processor.to_dict()))
+    cfg["do_pad"] = True
+    with pytest.raises(InputError, match="do_pad"):
+        process([ZOO["rgb"]], cfg)
