@@ -97,3 +97,32 @@ def test_unsupported_processors_are_refused_with_the_fix():
     cfg["do_pad"] = True
     with pytest.raises(InputError, match="do_pad"):
         process([ZOO["rgb"]], cfg)
+
+
+def _settings(fam) -> dict:
+    """What the converter would record for the torch-free expansion, read here from the family adapter."""
+    if fam.name == "llava":
+        a = fam.expansion_attributes({})
+        return {"image_token": a["image_token"], "patch_size": a["patch_size"],
+                "vision_feature_select_strategy": a["vision_feature_select_strategy"],
+                "num_additional_image_tokens": a["num_additional_image_tokens"]}
+    if fam.name == "qwen2_vl":
+        return {"merge_size": fam.merge}
+    if fam.name == "internvl":
+        a = fam.expansion_attributes({})
+        return {"start": a["start_image_token"], "context": a["image_token"], "end": a["end_image_token"],
+                "image_seq_length": a["image_seq_length"]}
+    return {"image_token": fam.placeholder, "image_seq_length": fam.image_seq_length}
+
+
+def test_image_token_expansion_equals_the_family_processors(family_name):
+    from scr_export.hostproc.prompts import expand
+
+    fam = load(TINY_PRESETS[family_name])
+    images = [ZOO["rgb"], ZOO["very wide"], ZOO["large"]]
+    image_inputs = process(images, fam.image_processor.to_dict())
+    for n, first in ((1, 0), (2, 1)):
+        text = fam.format_prompt("Describe the pictures.", n)
+        want = fam.expand_placeholders(text, fam.process_images(images), first)
+        got = expand(text, fam.placeholder, image_inputs, first, fam.name, **_settings(fam))
+        assert got == want

@@ -1,8 +1,10 @@
-"""Host pre-processing without torch or transformers (issue 11, in progress): images in numpy + PIL and tokens
-with the ``tokenizers`` library, equal to transformers' (tests/test_hostproc.py). Not yet on the runners' path:
-the prompt formats and the family adapters still load through transformers."""
+"""Host pre-processing without torch or transformers (issue 11, in progress): images in numpy + PIL, image-token
+expansion as plain functions, and tokens with the ``tokenizers`` library, all equal to transformers'
+(tests/test_hostproc.py). Not yet on the runners' path: the family adapters still read transformers' configs,
+whose defaults a converted directory does not hold yet (the converter has to record them in the manifest)."""
 
 from .images import PROCESSORS, process
+from .prompts import EXPANSIONS, expand
 from .tokenize import HostTokenizer
 
-__all__ = ["PROCESSORS", "HostTokenizer", "process"]
+__all__ = ["EXPANSIONS", "PROCESSORS", "HostTokenizer", "expand", "process"]
