@@ -75,7 +75,8 @@ def test_token_ids_equal_the_transformers_tokenizer(family_name, tmp_path):
     """The tokenizer files a converted directory holds (save_pretrained) give the same ids and the same left
     padding as the transformers tokenizer encode() uses, for one and several images and a padded batch."""
     fam = load(TINY_PRESETS[family_name])
-    fam.tokenizer.save_pretrained(tmp_path)
+    encode(fam, [[make_image()], [make_image()]], ["a", "a longer prompt"])  # transformers pads: a saved
+    fam.tokenizer.save_pretrained(tmp_path)                                 # tokenizer.json then says so
     tok = HostTokenizer(tmp_path)
     inputs = encode(fam, [[make_image()], [make_image(seed=2), make_image(120, 200, seed=3)]],
                     ["Is there a red block in this picture?", "Compare."])

@@ -25,6 +25,10 @@ class HostTokenizer:
         if not (d / "tokenizer.json").is_file():
             raise InputError(f"{d} has no tokenizer.json", "convert the model again (the converter writes it)")
         self.tokenizer = Tokenizer.from_file(str(d / "tokenizer.json"))
+        # a tokenizer.json saved after transformers padded a batch carries that padding (and may carry a
+        # truncation): this class pads itself, on the left, and never truncates
+        self.tokenizer.no_padding()
+        self.tokenizer.no_truncation()
         cfg_file = d / "tokenizer_config.json"
         self.config = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
         self.eos_token = _token(self.config.get("eos_token"))
