@@ -105,6 +105,9 @@ def staged_directory(out: Path):
 GQA_FILE = "decoder_model_merged_gqa.onnx"
 
 
+STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # rope types whose cos/sin depend on the position only
+
+
 def rotary_tables(fam, head_dim: int):
     """(cos, sin) ``[max_positions, head_dim / 2]`` from the model's own rotary module, for GroupQueryAttention's
     ``do_rotary``; None where the op cannot compute the model's rotary embedding (Qwen2-VL's M-RoPE, partial or
@@ -113,6 +116,9 @@ def rotary_tables(fam, head_dim: int):
 
     if fam.name == "qwen2_vl":
         return None  # 3-D positions: the op rotates by 1-D position
+    rope = getattr(fam.text_config, "rope_parameters", None) or getattr(fam.text_config, "rope_scaling", None) or {}
+    if (rope.get("rope_type") or rope.get("type") or "default") not in STATIC_ROPE:
+        return None  # tables that depend on the sequence length (dynamic NTK, longrope) cannot be precomputed
     module = fam.model
     for part in fam.layers_path.split(".")[:-1]:
         module = getattr(module, part, None)

@@ -313,3 +313,21 @@ def test_run_and_validate_never_write_into_the_directory(converted, tmp_path):
     finally:
         for p in [d, *d.iterdir()]:
             p.chmod(p.stat().st_mode | stat.S_IWUSR)
+
+
+def test_rotary_tables_only_for_position_only_rope(monkeypatch):
+    """GroupQueryAttention's cos/sin tables are precomputed: right for rope types that depend on the position alone,
+    refused (rotary stays in the graph) for sequence-length-dependent ones and for Qwen2-VL's M-RoPE."""
+    from scr_export.convert import rotary_tables
+
+    fam = load(TINY_PRESETS["llava"])
+    head_dim = fam.text_config.hidden_size // fam.text_config.num_attention_heads
+    cos, sin = rotary_tables(fam, head_dim)
+    assert cos.shape == (fam.text_config.max_position_embeddings, head_dim // 2) and cos.dtype == np.float32
+    theta = fam.text_config.rope_parameters["rope_theta"]
+    inv = 1.0 / theta ** (np.arange(0, head_dim, 2) / head_dim)
+    np.testing.assert_allclose(cos[7], np.cos(7 * inv), atol=1e-6)
+    np.testing.assert_allclose(sin[100], np.sin(100 * inv), atol=1e-5)
+    monkeypatch.setattr(fam.text_config, "rope_parameters", {**fam.text_config.rope_parameters, "rope_type": "dynamic"})
+    assert rotary_tables(fam, head_dim) is None
+    assert rotary_tables(load(TINY_PRESETS["qwen2_vl"]), 16) is None
