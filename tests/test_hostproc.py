@@ -127,3 +127,50 @@ def test_image_token_expansion_equals_the_family_processors(family_name):
         want = fam.expand_placeholders(text, fam.process_images(images), first)
         got = expand(text, fam.placeholder, image_inputs, first, fam.name, **_settings(fam))
         assert got == want
+
+
+def _host_settings(fam):
+    from scr_export.hostproc import HostSettings
+
+    sep = fam.tokenizer.sep_token if fam.name == "chameleon" else None
+    return HostSettings(family=fam.name, prompt_template=fam.prompt_template, placeholder=fam.placeholder,
+                        expansion=_settings(fam), image_processor=fam.image_processor.to_dict(), suffix=sep or "")
+
+
+@pytest.mark.parametrize("case", ["one image", "padded batch, several images", "placeholder in the prompt"])
+def test_torch_free_encode_equals_encode(family_name, case, tmp_path):
+    """The whole torch-free encode (images, prompt format, expansion, tokens, padding) against encode()."""
+    from scr_export.hostproc import encode as host_encode
+
+    fam = load(TINY_PRESETS[family_name])
+    fam.tokenizer.save_pretrained(tmp_path)
+    images, prompts = {
+        "one image": ([[ZOO["rgb"]]], ["Describe."]),
+        "padded batch, several images": ([[ZOO["large"], ZOO["rgba"]], [ZOO["very wide"]]],
+                                         ["Compare the two pictures.", "Is there a red block?"]),
+        "placeholder in the prompt": ([[ZOO["cmyk"]]], [f"What is {fam.placeholder} showing?"]),
+    }[case]
+    want = encode(fam, images, prompts)
+    got = host_encode(images, prompts, _host_settings(fam), HostTokenizer(tmp_path))
+    assert got["texts"] == want.texts
+    np.testing.assert_array_equal(got["input_ids"], want.input_ids.numpy())
+    np.testing.assert_array_equal(got["attention_mask"], want.attention_mask.numpy())
+    assert np.abs(got["pixel_values"] - want.tensors["pixel_values"].numpy()).max() <= 1e-6
+    for key in ("image_grid_thw", "num_patches"):
+        if key in want.tensors:
+            np.testing.assert_array_equal(got[key], np.asarray(want.tensors[key]))
+
+
+def test_torch_free_encode_refuses_what_encode_refuses(tmp_path):
+    from scr_export.errors import InputError
+    from scr_export.hostproc import encode as host_encode
+
+    fam = load(TINY_PRESETS["llava"])
+    fam.tokenizer.save_pretrained(tmp_path)
+    s, tok = _host_settings(fam), HostTokenizer(tmp_path)
+    for images, prompts, message in (([[ZOO["rgb"]]], ["a", "b"], "2 prompts but 1 image lists"),
+                                     ([[]], ["a"], "no image was given"),
+                                     ([[ZOO["rgb"]]], [f"{fam.placeholder}{fam.placeholder}"], "2 <image> placeholders"),
+                                     ([[make_image(1, 1)]], ["a"], "too small")):
+        with pytest.raises(InputError, match=message):
+            host_encode(images, prompts, s, tok)

@@ -1,0 +1,61 @@
+"""``encode`` without torch or transformers: images + prompts -> numpy token ids, mask, pixels and the family's
+extras, from plain settings (what a converted directory will record: the prompt template, the placeholder, the
+expansion numbers and the image processor's config). tests/test_hostproc.py holds it equal to
+``scr_export.processing.encode`` for every family."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from ..errors import InputError
+from .images import process
+from .prompts import expand
+from .tokenize import HostTokenizer
+
+
+@dataclasses.dataclass(frozen=True)
+class HostSettings:
+    family: str                      # llava, qwen2_vl, internvl, chameleon
+    prompt_template: str             # with {images} and {prompt}
+    placeholder: str                 # one image's placeholder in the template and in user prompts
+    expansion: dict[str, Any]        # keyword arguments of the family's hostproc.prompts function
+    image_processor: dict[str, Any]  # the preprocessor_config.json
+    suffix: str = ""                 # appended to every prompt (Chameleon's separator token)
+
+
+def format_prompt(prompt: str, num_images: int, s: HostSettings) -> str:
+    """The family's prompt format, with one placeholder per image unless the prompt places them itself."""
+    found = prompt.count(s.placeholder)
+    if found and found != num_images:
+        raise InputError(f"the prompt has {found} {s.placeholder} placeholders but {num_images} images were given",
+                         f"write one {s.placeholder} per image, or none to put the images before the prompt")
+    images = "" if found else s.placeholder * num_images
+    return s.prompt_template.replace("{images}", images).format(prompt=prompt) + s.suffix
+
+
+def encode(images: Sequence[Sequence[Any]], prompts: Sequence[str], settings: HostSettings,
+           tokenizer: HostTokenizer) -> dict[str, Any]:
+    """``images[b]`` are the PIL images of ``prompts[b]``; left padding. Returns input_ids, attention_mask,
+    pixel_values, the family's extras (image_grid_thw, num_patches) and the expanded texts."""
+    if len(images) != len(prompts):
+        raise InputError(f"{len(prompts)} prompts but {len(images)} image lists", "give one image list per prompt")
+    flat = [im for row in images for im in row]
+    if not flat:
+        raise InputError("no image was given", "SCR edits image tokens: pass at least one image")
+    for im in flat:
+        if min(im.size) < 2:
+            raise InputError(f"an image of {im.size[0]}×{im.size[1]} pixels is too small for the model",
+                             "pass an image of at least a few dozen pixels per side")
+    image_inputs = process(flat, settings.image_processor)
+    texts, idx = [], 0
+    for row, prompt in zip(images, prompts):
+        text, idx = expand(format_prompt(prompt, len(row), settings), settings.placeholder, image_inputs, idx,
+                           settings.family, **settings.expansion)
+        texts.append(text)
+    out: dict[str, Any] = {**tokenizer(texts), **image_inputs, "texts": texts}
+    out["pixel_values"] = np.ascontiguousarray(out["pixel_values"], np.float32)
+    return out
