@@ -4,6 +4,7 @@ very tall, tiny, large) to <= 1e-6, and token ids identical for the prompts `enc
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 
@@ -174,3 +175,37 @@ def test_torch_free_encode_refuses_what_encode_refuses(tmp_path):
                                      ([[make_image(1, 1)]], ["a"], "too small")):
         with pytest.raises(InputError, match=message):
             host_encode(images, prompts, s, tok)
+
+
+def test_hostproc_runs_where_torch_and_transformers_cannot_be_imported(tmp_path):
+    """The torch-free pre-processing in a process where importing torch or transformers raises: same ids."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    fam = load(TINY_PRESETS["qwen2_vl"])
+    fam.tokenizer.save_pretrained(tmp_path)
+    ZOO["rgb"].save(tmp_path / "i.png")
+    (tmp_path / "settings.json").write_text(json.dumps(dataclasses.asdict(_host_settings(fam))))
+    want = encode(fam, [[ZOO["rgb"]]], ["Describe."]).input_ids.numpy().tolist()
+    child = f"""
+import sys, json, importlib.abc
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in ("torch", "transformers"):
+            raise ModuleNotFoundError(f"blocked {{name}}", name=name)
+sys.meta_path.insert(0, Block())
+from PIL import Image
+from scr_export.hostproc import HostSettings, HostTokenizer, encode
+d = {str(tmp_path)!r}
+s = HostSettings(**json.load(open(d + "/settings.json")))
+out = encode([[Image.open(d + "/i.png")]], ["Describe."], s, HostTokenizer(d))
+print(json.dumps(out["input_ids"].tolist()))
+"""
+    root = Path(__file__).resolve().parents[1]
+    res = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(root)})
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert json.loads(res.stdout.strip().splitlines()[-1]) == want
+
