@@ -65,6 +65,7 @@ def manifest_common(fam: Any, model: str, config: Any) -> dict[str, Any]:
                          "prompt_template": fam.prompt_template, "grid_rule": fam.grid_rule},
         "decoder": {"num_layers": fam.num_layers, "kv_heads": kv, "head_dim": head_dim,
                     "hidden_size": fam.text_config.hidden_size, "mrope": fam.uses_mrope},
+        "host": fam.host_settings(),  # the torch-free pre-processing's settings (scr_export.hostproc)
     }
 
 

@@ -101,22 +101,6 @@ def test_unsupported_processors_are_refused_with_the_fix():
         process([ZOO["rgb"]], cfg)
 
 
-def _settings(fam) -> dict:
-    """What the converter would record for the torch-free expansion, read here from the family adapter."""
-    if fam.name == "llava":
-        a = fam.expansion_attributes({})
-        return {"image_token": a["image_token"], "patch_size": a["patch_size"],
-                "vision_feature_select_strategy": a["vision_feature_select_strategy"],
-                "num_additional_image_tokens": a["num_additional_image_tokens"]}
-    if fam.name == "qwen2_vl":
-        return {"merge_size": fam.merge}
-    if fam.name == "internvl":
-        a = fam.expansion_attributes({})
-        return {"start": a["start_image_token"], "context": a["image_token"], "end": a["end_image_token"],
-                "image_seq_length": a["image_seq_length"]}
-    return {"image_token": fam.placeholder, "image_seq_length": fam.image_seq_length}
-
-
 def test_image_token_expansion_equals_the_family_processors(family_name):
     from scr_export.hostproc.prompts import expand
 
@@ -126,16 +110,15 @@ def test_image_token_expansion_equals_the_family_processors(family_name):
     for n, first in ((1, 0), (2, 1)):
         text = fam.format_prompt("Describe the pictures.", n)
         want = fam.expand_placeholders(text, fam.process_images(images), first)
-        got = expand(text, fam.placeholder, image_inputs, first, fam.name, **_settings(fam))
+        got = expand(text, fam.placeholder, image_inputs, first, fam.name, **fam.host_expansion())
         assert got == want
 
 
 def _host_settings(fam):
+    """What the converter records in the manifest ("host")."""
     from scr_export.hostproc import HostSettings
 
-    sep = fam.tokenizer.sep_token if fam.name == "chameleon" else None
-    return HostSettings(family=fam.name, prompt_template=fam.prompt_template, placeholder=fam.placeholder,
-                        expansion=_settings(fam), image_processor=fam.image_processor.to_dict(), suffix=sep or "")
+    return HostSettings(**fam.host_settings())
 
 
 @pytest.mark.parametrize("case", ["one image", "padded batch, several images", "placeholder in the prompt"])

@@ -331,3 +331,20 @@ def test_rotary_tables_only_for_position_only_rope(monkeypatch):
     monkeypatch.setattr(fam.text_config, "rope_parameters", {**fam.text_config.rope_parameters, "rope_type": "dynamic"})
     assert rotary_tables(fam, head_dim) is None
     assert rotary_tables(load(TINY_PRESETS["qwen2_vl"]), 16) is None
+
+
+def test_the_manifest_records_the_torch_free_preprocessing_settings(family_name, converted):
+    """A converted directory holds what scr_export.hostproc needs: its encode, from the directory's files alone
+    (manifest "host", tokenizer.json, tokenizer_config.json), equals the runner's."""
+    from scr_export.hostproc import HostSettings, HostTokenizer
+    from scr_export.hostproc import encode as host_encode
+
+    out, _ = converted(family_name)
+    settings = HostSettings(**json.loads((out / "manifest.json").read_text())["host"])
+    runner = OrtVLM(out, device="cpu")
+    images, prompts = [[make_image(170, 120, seed=9)], [make_image(seed=10)]], ["Is there a red block?", "Hi."]
+    want = runner.encode(images, prompts)
+    got = host_encode(images, prompts, settings, HostTokenizer(out))
+    np.testing.assert_array_equal(got["input_ids"], want.input_ids.numpy())
+    np.testing.assert_array_equal(got["attention_mask"], want.attention_mask.numpy())
+    assert np.abs(got["pixel_values"] - want.tensors["pixel_values"].numpy().astype(np.float32)).max() <= 1e-6

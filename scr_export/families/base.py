@@ -103,6 +103,20 @@ class VLMFamily:
         """Run the family's own image processor."""
         return dict(self.image_processor(images=images, return_tensors="pt"))
 
+    def host_expansion(self) -> dict[str, Any]:
+        """Keyword arguments of this family's ``scr_export.hostproc.prompts`` expansion."""
+        raise NotImplementedError(f"{self.display_name} has no torch-free image-token expansion yet")
+
+    def host_settings(self) -> dict[str, Any]:
+        """What the torch-free pre-processing (``scr_export.hostproc.HostSettings``) needs, JSON-ready: recorded
+        in every converted directory's manifest ("host")."""
+        import json
+
+        return json.loads(json.dumps({
+            "family": self.name, "prompt_template": self.prompt_template, "placeholder": self.placeholder,
+            "expansion": self.host_expansion(), "image_processor": self.image_processor.to_dict(),
+            "suffix": ""}, default=int))
+
     def expansion_attributes(self, image_inputs: dict[str, Any]) -> dict[str, Any]:
         """Attributes the family processor's ``replace_image_token`` reads from ``self``."""
         return {}

@@ -51,6 +51,12 @@ class ChameleonFamily(VLMFamily):
         return {"image_start_token": "<racm3:break>", "image_end_token": "<eoss>", "image_token": self.placeholder,
                 "image_seq_length": self.image_seq_length}
 
+    def host_expansion(self) -> dict[str, Any]:
+        return {"image_token": self.placeholder, "image_seq_length": self.image_seq_length}
+
+    def host_settings(self) -> dict[str, Any]:
+        return {**super().host_settings(), "suffix": self.tokenizer.sep_token or ""}
+
     def display_image(self, image):
         return center_crop_square(image)
 

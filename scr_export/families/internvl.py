@@ -41,6 +41,11 @@ class InternVLFamily(VLMFamily):
         return {"start_image_token": self.tokenizer.start_image_token, "end_image_token": self.tokenizer.end_image_token,
                 "image_token": self.tokenizer.context_image_token, "image_seq_length": self.image_seq_length}
 
+    def host_expansion(self) -> dict[str, Any]:
+        a = self.expansion_attributes({})
+        return {"start": a["start_image_token"], "context": a["image_token"], "end": a["end_image_token"],
+                "image_seq_length": a["image_seq_length"]}
+
     def image_grids(self, image_index: int, extras: dict[str, Any]) -> list[tuple[int, int]]:
         tiles = extras.get("num_patches")
         if tiles is None or image_index >= len(tiles):

@@ -32,6 +32,9 @@ class LlavaFamily(VLMFamily):
                                                          self.config.vision_feature_select_strategy),
                 "num_additional_image_tokens": pc.get("num_additional_image_tokens", 1)}
 
+    def host_expansion(self) -> dict[str, Any]:
+        return self.expansion_attributes({})
+
     def display_image(self, image):
         return center_crop_square(image)
 

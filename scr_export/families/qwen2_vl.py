@@ -27,6 +27,9 @@ class Qwen2VLFamily(VLMFamily):
     def merge(self) -> int:
         return int(self.config.vision_config.spatial_merge_size)
 
+    def host_expansion(self):
+        return {"merge_size": self.merge}
+
     def expand_placeholders(self, text, image_inputs, first_image):
         # The family processor expands <|image_pad|> (inside the vision start/end markers).
         text = text.replace(self.placeholder, "\0")
