@@ -56,6 +56,7 @@ def fuse_group_query_attention(src: Path, dst: Path, num_layers: int, num_heads:
         raise AttentionPatternError(f"{Path(src).name} already has GroupQueryAttention inputs")
     producer, consumers = tensor_edges(g)
     inits = {i.name: i for i in g.initializer}
+    removed, added = set(), []
     constant_nodes = {n.output[0]: n.attribute[0].t for n in g.node
                       if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"}
 
@@ -110,35 +111,45 @@ def fuse_group_query_attention(src: Path, dst: Path, num_layers: int, num_heads:
                     return x
         raise AttentionPatternError(f"{rot} is not q·cos + rotate_half(q)·sin over the whole head")
 
-    def bsd(x: str, tag: str) -> str:
-        """[B, S, heads·D] for x = [B, heads, S, D]: the projection output itself when x = Transpose(Reshape(it))."""
+    def reshaped(x: str):
+        """(t, shape) for x = Transpose[0, 2, 1, 3](Reshape(t, shape)), the [B, heads, S, D] view of a [B, S, heads·D]
+        tensor; (None, None) otherwise."""
         t = single(x, "Transpose")
         perm = next((list(a.ints) for a in t.attribute if a.name == "perm"), None) if t is not None else None
         r = single(t.input[0], "Reshape") if perm == [0, 2, 1, 3] else None
-        shape = const(r.input[1]) if r is not None else None
-        source = producer.get(r.input[0]) if r is not None else None
-        if source is not None and source.op_type == "Add":  # a projection's bias, not a norm's last Add
+        return (r.input[0], const(r.input[1])) if r is not None else (None, None)
+
+    def projection(name: str | None):
+        """The MatMul / MatMulNBits producing ``name``, through a bias Add (not a norm's last Add)."""
+        source = producer.get(name) if name is not None else None
+        if source is not None and source.op_type == "Add":
             source = next((producer[i] for i in source.input if i in producer
                            and producer[i].op_type in _PROJECTIONS), None)
-        if source is not None and source.op_type in _PROJECTIONS and \
-                (shape is None or (len(shape) == 4 and int(shape[-1]) == head_dim)):
-            return r.input[0]  # [B, S, heads·D] straight from the projection (and its bias)
-        return flat(x, tag)
+        return source if source is not None and source.op_type in _PROJECTIONS else None
+
+    def flat(x: str, tag: str, layer: int) -> str:
+        t = helper.make_node("Transpose", [x], [f"gqa_{layer}_{tag}_bshd"], perm=[0, 2, 1, 3],
+                             name=f"gqa_{layer}_{tag}_t")
+        r = helper.make_node("Reshape", [t.output[0], "gqa_flat_shape"], [f"gqa_{layer}_{tag}"],
+                             name=f"gqa_{layer}_{tag}_r")
+        added.extend([t, r])
+        return r.output[0]
+
+    def bsd(x: str, tag: str, layer: int) -> str:
+        """[B, S, heads·D] for x = [B, heads, S, D]: the projection output itself where x is its reshaped view."""
+        raw, shape = reshaped(x)
+        if projection(raw) is not None and (shape is None or (len(shape) == 4 and int(shape[-1]) == head_dim)):
+            return raw  # straight from the projection (and its bias)
+        return flat(x, tag, layer)
 
     def packed_split(xs):
         """The Split of one packed q/k/v projection whose outputs are, in order, what q, k and v reshape."""
-        raws = []
-        for x in xs:
-            t = single(x, "Transpose")
-            r = single(t.input[0], "Reshape") if t is not None else None
-            raws.append(r.input[0] if r is not None else None)
+        raws = [reshaped(x)[0] for x in xs]
         split = single(raws[0], "Split") if raws[0] is not None else None
         if split is None or list(split.output) != raws:
             return None
-        source = producer.get(split.input[0])
-        return split if source is not None and source.op_type in _PROJECTIONS else None
+        return split if projection(split.input[0]) is not None else None
 
-    removed, added = set(), []
     g.initializer.append(numpy_helper.from_array(np.array([0, 0, -1], np.int64), "gqa_flat_shape"))
     rotary_inputs: list[str] = []
     if rotary is not None:
@@ -164,12 +175,6 @@ def fuse_group_query_attention(src: Path, dst: Path, num_layers: int, num_heads:
             scale = v if scale_mul.op_type == "Mul" else 1.0 / v
         out = only(only(context.output[0], "Transpose").output[0], "Reshape")
 
-        def flat(x: str, tag: str, i=i) -> str:
-            t = helper.make_node("Transpose", [x], [f"gqa_{i}_{tag}_bshd"], perm=[0, 2, 1, 3], name=f"gqa_{i}_{tag}_t")
-            r = helper.make_node("Reshape", [t.output[0], "gqa_flat_shape"], [f"gqa_{i}_{tag}"], name=f"gqa_{i}_{tag}_r")
-            added.extend([t, r])
-            return r.output[0]
-
         if rotary is None:
             xs = scores.input[0], ck.input[1], cv.input[1]
         else:
@@ -178,7 +183,7 @@ def fuse_group_query_attention(src: Path, dst: Path, num_layers: int, num_heads:
         if split is not None:  # q, k, v packed in one projection (pack_projections.py): the op unpacks them
             q, k, v = split.input[0], "", ""
         else:
-            q, k, v = bsd(xs[0], "q"), bsd(xs[1], "k"), bsd(xs[2], "v")
+            q, k, v = bsd(xs[0], "q", i), bsd(xs[1], "k", i), bsd(xs[2], "v", i)
         extra = {"do_rotary": 1, "rotary_interleaved": 0} if rotary is not None else {}
         added.append(helper.make_node(
             "GroupQueryAttention", [q, k, v, ck.input[0], cv.input[0], SEQLENS, TOTAL] + rotary_inputs,

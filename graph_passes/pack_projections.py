@@ -14,7 +14,6 @@ replace the three), so the eager decoder and its GroupQueryAttention variant kee
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from .edges import tensor_edges
@@ -97,15 +96,7 @@ def pack_qkv(path: Path, num_heads: int, kv_heads: int, head_dim: int) -> int:
     used = {i for n in g.node for i in n.input}
     for init in [i for i in g.initializer if i.name not in used]:
         g.initializer.remove(init)
-    data = path.name + ".data"
-    tmp = path.with_name(f".{path.name}.packing")
-    onnx.save(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True, location=data + ".packing")
-    os.replace(tmp.with_name(data + ".packing"), path.parent / data)
-    m = onnx.load(str(tmp), load_external_data=False)  # point the graph at the final data file name
-    for init in m.graph.initializer:
-        for e in init.external_data:
-            if e.key == "location":
-                e.value = data
-    onnx.save(m, str(path))
-    tmp.unlink()
+    data = path.parent / (path.name + ".data")
+    data.unlink(missing_ok=True)  # every weight is in memory; onnx appends to an existing data file
+    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name)
     return packed

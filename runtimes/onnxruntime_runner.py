@@ -361,10 +361,6 @@ class OrtVLM:
 
         if batch != 1:
             raise ValueError(f"the GroupQueryAttention decoder runs one prompt at a time; got {batch}")
-        limit = self.manifest["graphs"]["decoder"].get("gqa", {}).get("max_positions")
-        if limit and max_len > limit:  # its rotary tables end there
-            raise SCRExportError(f"{max_len} tokens (prompt + new tokens) exceed the model's {limit} positions",
-                                 "shorten the prompt or ask for fewer new tokens")
         device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
         shape = (1, self.kv_heads, max_len, self.head_dim)
         io = self._session(GQA_DECODER).io_binding()
@@ -466,8 +462,8 @@ class OrtVLM:
         self.check_config(config)
         fam = self.family
         batch, length = inputs.shape
-        check_context(length, max_new_tokens if forced_tokens is None else len(forced_tokens[0]),
-                      *self.context_limit())
+        steps = max_new_tokens if forced_tokens is None else len(forced_tokens[0])
+        check_context(length, steps, *self.context_limit())
         embeds = self.embed(inputs)
         positions, first_pos = self.positions(inputs)
         maps: list = []
@@ -478,7 +474,6 @@ class OrtVLM:
             plan = plan_sequence(inputs.layouts, maps, length, config)
             plan.attention = maps
         am = inputs.attention_mask.numpy()
-        steps = max_new_tokens if forced_tokens is None else len(forced_tokens[0])
         feed = {"inputs_embeds": embeds, "attention_mask": am, "position_ids": positions,
                 "scr_donor": plan.donor, "scr_scale": plan.scale, "scr_weight": plan.weight}
         cache = None

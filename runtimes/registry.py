@@ -73,8 +73,6 @@ def open_runtime(directory: str | Path, runtime: str = "auto", *, device: str = 
     cls = getattr(importlib.import_module(module), name)
     if kind == "onnx":
         return cls(directory, device=device, threads=threads, attention=attention)
-    if kind == "llamacpp":
-        return cls(directory, threads=threads)
     return cls(directory, threads=threads)
 
 

@@ -14,12 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from .manifest import QUANTIZED
-from .sample import sample_image
-
 from . import __version__
 from .errors import SCRExportError
-from .manifest import checkpoint_hash, write_manifest
+from .manifest import QUANTIZED, checkpoint_hash, write_manifest
+from .sample import sample_image
 
 Progress = Callable[[str], None]
 
@@ -138,6 +136,42 @@ def rotary_tables(fam, head_dim: int):
     return cos[:, :half].astype(dtype), sin[:, :half].astype(dtype)
 
 
+def write_gqa_decoder(tmp: Path, manifest: dict, fam: Any, progress: Progress) -> None:
+    """``GQA_FILE`` beside the eager decoder, over its weights file, and its manifest entry (graphs.decoder.gqa):
+    int4 q/k/v packed where the op takes them packed, GroupQueryAttention (rotary inside where the tables allow),
+    ONNX Runtime's norm fusions."""
+    import onnx
+
+    from graph_passes.group_query_attention import AttentionPatternError, fuse_group_query_attention
+    from graph_passes.ort_fusions import fuse_norms
+    from graph_passes.pack_projections import pack_qkv
+
+    kv, head_dim = manifest["decoder"]["kv_heads"], manifest["decoder"]["head_dim"]
+    decoder = manifest["graphs"]["decoder"]
+    heads = fam.text_config.num_attention_heads
+    rotary = rotary_tables(fam, head_dim)
+    quant_format = (manifest.get("quantization") or {}).get("graphs", {}).get("decoder", {}).get("format")
+    if rotary is not None and quant_format == "matmulnbits":
+        decoder["packed_qkv_layers"] = pack_qkv(tmp / decoder["file"], heads, kv, head_dim)  # bit-identical
+    try:
+        fuse_group_query_attention(tmp / decoder["file"], tmp / GQA_FILE, fam.num_layers, heads, kv, head_dim,
+                                   rotary=rotary)
+    except AttentionPatternError as exc:
+        if rotary is None:
+            raise
+        progress(f"attention: the rotary embedding stays outside GroupQueryAttention ({exc})")
+        rotary = None
+        fuse_group_query_attention(tmp / decoder["file"], tmp / GQA_FILE, fam.num_layers, heads, kv, head_dim)
+    fused = fuse_norms(tmp / GQA_FILE, tmp / GQA_FILE, heads, fam.text_config.hidden_size)
+    inputs = [i.name for i in onnx.load(str(tmp / GQA_FILE), load_external_data=False).graph.input]
+    decoder["gqa"] = {"file": GQA_FILE, "inputs": inputs,  # position_ids go with the rotary inside
+                      "weights": "the decoder's (same external data file)", "fused": fused,
+                      "rotary_inside": rotary is not None,
+                      "max_positions": int(rotary[0].shape[0]) if rotary is not None else None}
+    progress(f"attention: {GQA_FILE} = the decoder with ONNX Runtime GroupQueryAttention on a shared KV buffer and "
+             "fused norms (same weights; one prompt at a time), beside the eager decoder (batches, TensorRT)")
+
+
 def convert_to_onnx(model: str, out: str | Path, *, precision: str = "fp32", exporter: str = "dynamo",
                     config_overrides: dict[str, Any] | None = None, force: bool = False,
                     progress: Progress = _stderr, finalize: Callable[[Path, dict, Any], None] | None = None,
@@ -223,42 +257,8 @@ def convert_to_onnx(model: str, out: str | Path, *, precision: str = "fp32", exp
             quantize(tmp, manifest, fam)
             write_manifest(tmp, manifest)
         if attention == "gqa":
-            from graph_passes.group_query_attention import fuse_group_query_attention
-
-            kv, head_dim = manifest["decoder"]["kv_heads"], manifest["decoder"]["head_dim"]
-            decoder = manifest["graphs"]["decoder"]
-            from graph_passes.ort_fusions import fuse_norms
-
-            from graph_passes.group_query_attention import AttentionPatternError
-
-            heads = fam.text_config.num_attention_heads
-            rotary = rotary_tables(fam, head_dim)
-            if rotary is not None and (manifest.get("quantization") or {}).get("graphs", {}).get(
-                    "decoder", {}).get("format") == "matmulnbits":
-                from graph_passes.pack_projections import pack_qkv
-
-                packed = pack_qkv(tmp / decoder["file"], heads, kv, head_dim)  # bit-identical, one kernel a layer
-                decoder["packed_qkv_layers"] = packed
-            try:
-                fuse_group_query_attention(tmp / decoder["file"], tmp / GQA_FILE, fam.num_layers, heads, kv, head_dim,
-                                           rotary=rotary)
-            except AttentionPatternError as exc:
-                if rotary is None:
-                    raise
-                progress(f"attention: the rotary embedding stays outside GroupQueryAttention ({exc})")
-                rotary = None
-                fuse_group_query_attention(tmp / decoder["file"], tmp / GQA_FILE, fam.num_layers, heads, kv, head_dim)
-            fused = fuse_norms(tmp / GQA_FILE, tmp / GQA_FILE, heads, fam.text_config.hidden_size)
-            import onnx
-
-            gqa_inputs = [i.name for i in onnx.load(str(tmp / GQA_FILE), load_external_data=False).graph.input]
-            decoder["gqa"] = {"file": GQA_FILE, "inputs": gqa_inputs,  # position_ids go with the rotary inside
-                              "weights": "the decoder's (same external data file)", "fused": fused,
-                              "rotary_inside": rotary is not None,
-                              "max_positions": int(rotary[0].shape[0]) if rotary is not None else None}
+            write_gqa_decoder(tmp, manifest, fam, progress)
             write_manifest(tmp, manifest)
-            progress(f"attention: {GQA_FILE} = the decoder with ONNX Runtime GroupQueryAttention on a shared KV "
-                     "buffer and fused norms (same weights; one prompt at a time), beside the eager decoder (batches, TensorRT)")
         progress(f"[{steps}/{steps}] parity against the PyTorch reference")
         from .parity import report_to_dict, validate_directory
 

@@ -58,16 +58,9 @@ def encode(family: VLMFamily, images: Sequence[Sequence[Any]], prompts: Sequence
     """Encode a batch: ``images[b]`` are the PIL images of prompt ``prompts[b]`` (left padding)."""
     import torch
 
-    if len(images) != len(prompts):
-        raise InputError(f"{len(prompts)} prompts but {len(images)} image lists", "give one image list per prompt")
-    flat = [im for row in images for im in row]
-    if not flat:
-        raise InputError("no image was given", "SCR edits image tokens: pass at least one image")
-    for im in flat:
-        w, h = im.size
-        if w < 2 or h < 2:
-            raise InputError(f"an image of {w}×{h} pixels is too small for the model",
-                             "pass an image of at least a few dozen pixels per side")
+    from .hostproc.encode import flat_images
+
+    flat = flat_images(images, prompts)
     try:
         image_inputs = family.process_images(flat)
     except InputError:

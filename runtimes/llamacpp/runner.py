@@ -152,8 +152,8 @@ class LlamaCppVLM:
         config = (config or self.config).clamped(self.family.num_layers)
         fam = self.family
         length = inputs.shape[1]
-        check_context(length, max_new_tokens if forced_tokens is None else len(forced_tokens[0]), self.llama.n_ctx,
-                      "the llama.cpp context (n_ctx)")
+        steps = max_new_tokens if forced_tokens is None else len(forced_tokens[0])
+        check_context(length, steps, self.llama.n_ctx, "the llama.cpp context (n_ctx)")
         embeds = self.embed(inputs)
         maps: list = []
         if not scr:
@@ -178,7 +178,6 @@ class LlamaCppVLM:
         last = logits[-1].astype(np.float32)
         eos = fam.tokenizer.eos_token_id
         suppressed = fam.suppressed_token_ids()
-        steps = max_new_tokens if forced_tokens is None else len(forced_tokens[0])
         tokens, out_logits = [], []
         for step in range(steps):
             out_logits.append(last[None])

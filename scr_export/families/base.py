@@ -87,13 +87,9 @@ class VLMFamily:
     # -- prompts and processing -----------------------------------------------------------------------------------
     def format_prompt(self, prompt: str, num_images: int) -> str:
         """Put ``num_images`` placeholders into the family's prompt format unless the prompt already has them."""
-        found = prompt.count(self.placeholder)
-        if found:
-            if found != num_images:
-                raise InputError(f"the prompt has {found} {self.placeholder} placeholders but {num_images} images were given",
-                                 f"write one {self.placeholder} per image, or none to put the images before the prompt")
-            return self.prompt_template.replace("{images}", "").format(prompt=prompt)
-        return self.prompt_template.replace("{images}", self.placeholder * num_images).format(prompt=prompt)
+        from ..hostproc.encode import format_prompt
+
+        return format_prompt(prompt, num_images, self.prompt_template, self.placeholder)
 
     def display_image(self, image):
         """The region of ``image`` the grid covers, for pictures (default: the whole image)."""

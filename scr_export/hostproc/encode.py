@@ -27,20 +27,19 @@ class HostSettings:
     suffix: str = ""                 # appended to every prompt (Chameleon's separator token)
 
 
-def format_prompt(prompt: str, num_images: int, s: HostSettings) -> str:
-    """The family's prompt format, with one placeholder per image unless the prompt places them itself."""
-    found = prompt.count(s.placeholder)
+def format_prompt(prompt: str, num_images: int, template: str, placeholder: str, suffix: str = "") -> str:
+    """The family's prompt format, with one placeholder per image unless the prompt places them itself (the
+    family adapters use it too)."""
+    found = prompt.count(placeholder)
     if found and found != num_images:
-        raise InputError(f"the prompt has {found} {s.placeholder} placeholders but {num_images} images were given",
-                         f"write one {s.placeholder} per image, or none to put the images before the prompt")
-    images = "" if found else s.placeholder * num_images
-    return s.prompt_template.replace("{images}", images).format(prompt=prompt) + s.suffix
+        raise InputError(f"the prompt has {found} {placeholder} placeholders but {num_images} images were given",
+                         f"write one {placeholder} per image, or none to put the images before the prompt")
+    return template.replace("{images}", "" if found else placeholder * num_images).format(prompt=prompt) + suffix
 
 
-def encode(images: Sequence[Sequence[Any]], prompts: Sequence[str], settings: HostSettings,
-           tokenizer: HostTokenizer) -> dict[str, Any]:
-    """``images[b]`` are the PIL images of ``prompts[b]``; left padding. Returns input_ids, attention_mask,
-    pixel_values, the family's extras (image_grid_thw, num_patches) and the expanded texts."""
+def flat_images(images: Sequence[Sequence[Any]], prompts: Sequence[str]) -> list[Any]:
+    """The batch's images in order, after the checks every encode makes (one image list per prompt, at least one
+    image, none degenerate)."""
     if len(images) != len(prompts):
         raise InputError(f"{len(prompts)} prompts but {len(images)} image lists", "give one image list per prompt")
     flat = [im for row in images for im in row]
@@ -50,11 +49,18 @@ def encode(images: Sequence[Sequence[Any]], prompts: Sequence[str], settings: Ho
         if min(im.size) < 2:
             raise InputError(f"an image of {im.size[0]}×{im.size[1]} pixels is too small for the model",
                              "pass an image of at least a few dozen pixels per side")
-    image_inputs = process(flat, settings.image_processor)
+    return flat
+
+
+def encode(images: Sequence[Sequence[Any]], prompts: Sequence[str], settings: HostSettings,
+           tokenizer: HostTokenizer) -> dict[str, Any]:
+    """``images[b]`` are the PIL images of ``prompts[b]``; left padding. Returns input_ids, attention_mask,
+    pixel_values, the family's extras (image_grid_thw, num_patches) and the expanded texts."""
+    image_inputs = process(flat_images(images, prompts), settings.image_processor)
     texts, idx = [], 0
     for row, prompt in zip(images, prompts):
-        text, idx = expand(format_prompt(prompt, len(row), settings), settings.placeholder, image_inputs, idx,
-                           settings.family, **settings.expansion)
+        text = format_prompt(prompt, len(row), settings.prompt_template, settings.placeholder, settings.suffix)
+        text, idx = expand(text, settings.placeholder, image_inputs, idx, settings.family, **settings.expansion)
         texts.append(text)
     out: dict[str, Any] = {**tokenizer(texts), **image_inputs, "texts": texts}
     out["pixel_values"] = np.ascontiguousarray(out["pixel_values"], np.float32)
