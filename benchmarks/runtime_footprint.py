@@ -96,7 +96,7 @@ def save_inputs(directory: Path, image: str, prompt: str, path: Path) -> None:
 
     sys.path.insert(0, str(ROOT))
     from runtimes.onnxruntime_runner import OrtVLM
-    from scr_export.diagnostic import query_mask
+    from scr_export.layout import query_mask
     from scr_export.processing import load_image
 
     r = OrtVLM(directory, device="cpu")

@@ -7,10 +7,9 @@ import re
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
+from .contract import ATTENTION_MAP, QUERY_MASK
 from .locate_layers import LayerOutputsNotFound, _scopes
 
-QUERY_MASK = "scr_query_mask"     # [batch, images, seq] float: 1 at the text query positions of each image
-ATTENTION_MAP = "scr_attention"   # [batch, images, seq]: mean attention from those queries to every key position
 _LEGACY_SOFTMAX = re.compile(r"^.*/layers\.(?P<layer>\d+)/self_attn/Softmax(?:_\d+)?$")
 _SCOPE_ATTN = re.compile(r"(?:^|\.)layers\.(?P<layer>\d+)\.self_attn$")
 

@@ -13,10 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-DOMAIN = "scr"            # no dots: TensorRT plugin namespaces reject them
-OP_TYPE = "SCRNeighbourInject"
-DOMAIN_VERSION = 1
-PLAN_INPUTS = ("scr_donor", "scr_scale", "scr_weight")
+from .contract import DOMAIN, DOMAIN_VERSION, OP_TYPE, PLAN_INPUTS  # noqa: F401 (the op contract, re-exported)
 # TensorRT's ONNX parser (>= 10.7) picks a registered plugin over the node's local function only when the node names
 # the plugin's namespace; older parsers (JetPack 6's 10.3) import the function body. ORT and onnx.checker ignore them.
 PLUGIN_VERSION = "1"

@@ -13,11 +13,13 @@ from typing import Any
 import numpy as np
 
 from scr_export.config import SCRConfig
-from scr_export.diagnostic import query_mask
 from scr_export.errors import SCRExportError
+from scr_export.hostproc.model import HostModel
+from scr_export.layout import query_mask
 from scr_export.manifest import QUANTIZED, read_manifest
 from scr_export.plan import SequencePlan, plan_sequence
-from scr_export.processing import VLMInputs, encode
+from scr_export.positions import vision_cu_seqlens, vision_positions
+from scr_export.processing import VLMInputs
 
 
 GQA_DECODER = "decoder_gqa"  # session name of the decoder's GroupQueryAttention variant
@@ -32,8 +34,9 @@ def pick_providers(device: str = "auto") -> list[str]:
     try:
         import onnxruntime as ort
     except ImportError:
-        raise RuntimeUnavailable("onnxruntime is not installed",
-                                 "pip install 'scr-export[onnx]' (CPU) or 'scr-export[onnx-gpu]' (CUDA)") from None
+        raise RuntimeUnavailable("onnxruntime is not installed (it is scr-export's core dependency)",
+                                 "pip install onnxruntime==1.32.0 (CPU), or onnxruntime-gpu==1.31.1 (CUDA)") from None
+    check_one_onnxruntime()
     available = ort.get_available_providers()
     if device == "cpu":
         return ["CPUExecutionProvider"]
@@ -43,6 +46,23 @@ def pick_providers(device: str = "auto") -> list[str]:
     if "CUDAExecutionProvider" in available and device in ("auto", "cuda"):
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
+
+
+def check_one_onnxruntime() -> None:
+    """onnxruntime (the core dependency) and onnxruntime-gpu install the same module: with both, whichever was
+    installed last wins file by file, a broken mix. Say so instead of failing somewhere inside ONNX Runtime."""
+    from importlib import metadata
+
+    have = []
+    for dist in ("onnxruntime", "onnxruntime-gpu"):
+        try:
+            have.append(f"{dist} {metadata.version(dist)}")
+        except metadata.PackageNotFoundError:
+            pass
+    if len(have) == 2:
+        raise RuntimeUnavailable(f"both {have[0]} and {have[1]} are installed; they share the onnxruntime module",
+                                 "keep one: pip uninstall -y onnxruntime onnxruntime-gpu && pip install "
+                                 "onnxruntime-gpu==1.31.1 (CUDA) or onnxruntime==1.32.0 (CPU)")
 
 
 def _x86() -> bool:
@@ -98,17 +118,41 @@ def _uint8_activations(model) -> None:
         model.graph.initializer.remove(i)
 
 
+def gpu_compute_capability() -> tuple[int, int] | None:
+    """The first GPU's compute capability, from nvidia-smi (no framework needed); None where it cannot tell."""
+    import shutil
+    import subprocess
+
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return None
+    try:
+        out = subprocess.run([smi, "--query-gpu=compute_cap", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=20).stdout.split()
+        major, minor = out[0].split(".")
+        return int(major), int(minor)
+    except (OSError, subprocess.SubprocessError, IndexError, ValueError):
+        return None
+
+
 def check_fp8_gpu() -> None:
     """fp8 Q/DQ graphs on the CUDA provider need an fp8 GPU (Ada sm_89, Hopper sm_90 or newer)."""
+    cc = gpu_compute_capability()
+    if cc is None:
+        return  # cannot tell (no nvidia-smi, e.g. Jetson): ONNX Runtime reports it itself
+    if cc < (8, 9):
+        raise RuntimeUnavailable(f"this GPU (sm_{cc[0]}{cc[1]}) has no fp8 support; fp8 graphs need sm_89 (Ada) "
+                                 "or newer", "use --device cpu (fp8 emulated), or convert with --precision int8")
+
+
+def have_onnx() -> bool:
+    """The onnx package (the [export] extra) is installed: graph rewrites at load time need it."""
+    import importlib.util
+
     try:
-        import torch
+        return importlib.util.find_spec("onnx") is not None
     except ImportError:
-        return  # cannot tell without torch: ONNX Runtime reports it itself
-    if torch.cuda.is_available():
-        cc = torch.cuda.get_device_capability()
-        if cc < (8, 9):
-            raise RuntimeUnavailable(f"this GPU (sm_{cc[0]}{cc[1]}) has no fp8 support; fp8 graphs need sm_89 (Ada) "
-                                     "or newer", "use --device cpu (fp8 emulated), or convert with --precision int8")
+        return False
 
 
 @dataclasses.dataclass
@@ -186,6 +230,10 @@ class OrtVLM:
     def _check_readable(path: Path) -> None:
         """A graph loaded only when first needed is parsed now (without its weights), so a damaged file is
         reported at load time, not in the middle of a batch."""
+        if not have_onnx():  # the lean install: presence only (ONNX Runtime parses it when first needed)
+            if not path.is_file() or path.stat().st_size == 0:
+                raise SCRExportError(f"{path.name} is missing or empty", "convert the model again")
+            return
         import onnx
 
         try:
@@ -235,9 +283,10 @@ class OrtVLM:
         if self.unfused and fmt == "matmulnbits":
             path = self._rewritten(path, _accuracy_level_1)
         elif (not self.unfused and fmt == "qdq" and gq.get("precision", self._quant.get("precision")) == "int8"
-              and self.providers[0] == "CPUExecutionProvider" and _x86()):
+              and self.providers[0] == "CPUExecutionProvider" and _x86() and have_onnx()):
             # ONNX Runtime fuses int8 activations into its int8 kernels only on ARM; on x86 it wants uint8.
-            # The same values with zero point 128 are exactly the same arithmetic, so the file stays one
+            # The same values with zero point 128 are exactly the same arithmetic, so the file stays one.
+            # (The rewrite needs onnx: a lean install runs the int8 file as written, with the same results.)
             path = self._rewritten(path, _uint8_activations)
         try:
             session = ort.InferenceSession(str(path), self._options(graph)[0], providers=self.providers)
@@ -276,12 +325,12 @@ class OrtVLM:
         return out
 
     def _load_directory(self, directory: str | Path) -> None:
-        """Manifest, processing files and decoder geometry: what every runtime's runner shares."""
-        from scr_export.loading import load_family_without_weights
-
+        """Manifest, the host model (family adapter, tokenizer, torch-free encode) and decoder geometry: what every
+        runtime's runner shares."""
         self.dir = Path(directory)
         self.manifest = read_manifest(self.dir)
-        self.family = load_family_without_weights(self.dir)
+        self.host = HostModel(self.dir, self.manifest)
+        self.family = self.host.family
         self.config = SCRConfig.from_dict(self.manifest["scr"])
         d = self.manifest["decoder"]
         self.num_layers, self.kv_heads, self.head_dim = d["num_layers"], d["kv_heads"], d["head_dim"]
@@ -318,12 +367,12 @@ class OrtVLM:
     # -- pieces -------------------------------------------------------------------------------------------------
     def positions(self, inputs: VLMInputs) -> tuple[np.ndarray, np.ndarray]:
         """Prefill position ids and the first generated token's (numpy, once per request)."""
-        arrays = {k: v.numpy() if hasattr(v, "numpy") else np.asarray(v) for k, v in inputs.tensors.items()
-                  if k in ("input_ids", "attention_mask", "image_grid_thw")}
+        arrays = {k: inputs.array(k) for k in ("input_ids", "attention_mask", "image_grid_thw") if k in inputs.tensors}
         return self.family.host_positions(arrays)
 
     def encode(self, images: Sequence[Sequence[Any]], prompts: Sequence[str]) -> VLMInputs:
-        return encode(self.family, images, prompts)
+        """Images + prompts -> numpy inputs, without torch or transformers (``scr_export.hostproc``)."""
+        return self.host.encode(images, prompts)
 
     def _run(self, name: str, feed: dict[str, np.ndarray], outputs=None):
         """Run one graph; float inputs are cast to the graph's own input type (GGUF directories hold float32
@@ -393,28 +442,25 @@ class OrtVLM:
     def embed(self, inputs: VLMInputs) -> np.ndarray:
         """inputs_embeds [B, T, D]: token embeddings with the image features (or VQ ids) put at the image tokens."""
         fam = self.family
-        t = inputs.tensors
-        ids = t["input_ids"].numpy().copy()
+        ids = inputs.array("input_ids").copy()
         mask = ids == fam.image_token_id
+        pv = inputs.array("pixel_values").astype(self.float_type)
         if fam.name == "chameleon":
-            codes = self._run("vision", {"pixel_values": t["pixel_values"].numpy().astype(self.float_type)})[0]
+            codes = self._run("vision", {"pixel_values": pv})[0]
             ids[mask] = codes.reshape(-1)
             return self._run("embed_tokens", {"input_ids": ids})[0]
         embeds = self._run("embed_tokens", {"input_ids": ids})[0]
         if fam.name == "qwen2_vl":
-            from scr_export.onnx_export.vision import qwen2_vl_vision_extras
-
             feats, offset = [], 0
-            pv = t["pixel_values"].numpy().astype(self.float_type)
-            for thw in t["image_grid_thw"]:
+            for thw in inputs.array("image_grid_thw"):
                 n = int(thw.prod())
-                pos, cu = qwen2_vl_vision_extras(fam, thw)
                 feats.append(self._run("vision", {"pixel_values": pv[offset:offset + n],
-                                                  "vision_position_ids": pos.numpy(), "cu_seqlens": cu.numpy()})[0])
+                                                  "vision_position_ids": vision_positions(thw, fam.merge),
+                                                  "cu_seqlens": vision_cu_seqlens(thw)})[0])
                 offset += n
             features = np.concatenate(feats, axis=0)
         else:
-            features = self._run("vision", {"pixel_values": t["pixel_values"].numpy().astype(self.float_type)})[0]
+            features = self._run("vision", {"pixel_values": pv})[0]
             features = features.reshape(-1, features.shape[-1])
         if features.shape[0] != mask.sum():
             raise SCRExportError(f"the vision graph gave {features.shape[0]} image features for {mask.sum()} image tokens",
@@ -427,10 +473,10 @@ class OrtVLM:
         return {f"past_key_values.{i}.{k}": empty for i in range(self.num_layers) for k in ("key", "value")}
 
     def attention_maps(self, inputs: VLMInputs, embeds: np.ndarray, positions: np.ndarray):
-        from graph_passes.extract_diagnostic import ATTENTION_MAP, QUERY_MASK
+        from graph_passes.contract import ATTENTION_MAP, QUERY_MASK
 
-        ids = inputs.input_ids.numpy()
-        am = inputs.attention_mask.numpy()
+        ids = inputs.array("input_ids")
+        am = inputs.array("attention_mask")
         n_img = max((len(s) for s in inputs.layouts), default=0)
         qmask = np.zeros((ids.shape[0], max(n_img, 1), ids.shape[1]), np.float32)
         for b, spans in enumerate(inputs.layouts):
@@ -473,7 +519,7 @@ class OrtVLM:
             maps = self.attention_maps(inputs, embeds, positions)
             plan = plan_sequence(inputs.layouts, maps, length, config)
             plan.attention = maps
-        am = inputs.attention_mask.numpy()
+        am = inputs.array("attention_mask")
         feed = {"inputs_embeds": embeds, "attention_mask": am, "position_ids": positions,
                 "scr_donor": plan.donor, "scr_scale": plan.scale, "scr_weight": plan.weight}
         cache = None

@@ -524,8 +524,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # a package a command imports lazily -> the extra that installs it (pyproject.toml's optional dependencies)
-MISSING_EXTRA = {"onnx": "onnx", "onnx_ir": "onnx", "onnxscript": "onnx", "onnxruntime": "onnx",
-                 "llama_cpp": "llamacpp", "gguf": "llamacpp", "onnxruntime_genai": "bench"}
+# a missing package -> the extra that installs it (ModuleNotFoundError's name); onnxruntime is a core dependency
+# (runtimes.onnxruntime_runner.pick_providers names the fix when it is missing)
+MISSING_EXTRA = {"torch": "export", "transformers": "export", "safetensors": "export", "tqdm": "export",
+                 "onnx": "export", "onnx_ir": "export", "onnxscript": "export",
+                 "llama_cpp": "llamacpp", "gguf": "llamacpp", "tensorrt": "tensorrt", "cuda": "tensorrt",
+                 "onnxruntime_genai": "bench"}
 
 
 def main(argv: list[str] | None = None) -> int:

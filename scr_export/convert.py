@@ -52,6 +52,7 @@ def write_processing_files(fam: Any, directory: Path) -> None:
 
 def manifest_common(fam: Any, model: str, config: Any) -> dict[str, Any]:
     """The manifest entries every runtime's directory shares."""
+    from .hostproc.model import host_config
     from .onnx_export.decoder import kv_shape
 
     kv, head_dim = kv_shape(fam)
@@ -64,6 +65,7 @@ def manifest_common(fam: Any, model: str, config: Any) -> dict[str, Any]:
         "decoder": {"num_layers": fam.num_layers, "kv_heads": kv, "head_dim": head_dim,
                     "hidden_size": fam.text_config.hidden_size, "mrope": fam.uses_mrope},
         "host": fam.host_settings(),  # the torch-free pre-processing's settings (scr_export.hostproc)
+        "model_config": host_config(fam),  # the config numbers the family adapter reads on a run (hostproc.model)
     }
 
 

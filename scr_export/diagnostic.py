@@ -8,18 +8,10 @@ import numpy as np
 
 from .config import SCRConfig
 from .families import VLMFamily
-from .layout import ImageSpan
+from .layout import ImageSpan, query_mask
 from .partial_forward import run_through_layer
 
-
-def query_mask(input_ids_row: np.ndarray, attention_mask_row: np.ndarray, spans: list[ImageSpan],
-               span: ImageSpan) -> np.ndarray:
-    """Text query positions for ``span``: real (unpadded) non-image tokens after the span."""
-    t = np.arange(len(input_ids_row))
-    mask = (t >= span.end) & (np.asarray(attention_mask_row) == 1)
-    for other in spans:
-        mask[other.start: other.end] = False
-    return mask
+__all__ = ["attention_maps", "head_mean_attention", "query_mask"]
 
 
 def head_mean_attention(family: VLMFamily, tensors: dict[str, Any], config: SCRConfig) -> np.ndarray:

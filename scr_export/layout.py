@@ -61,3 +61,13 @@ def token_runs(mask: np.ndarray) -> list[tuple[int, int]]:
     padded = np.concatenate([[False], mask, [False]])
     edges = np.flatnonzero(padded[1:] != padded[:-1])
     return [(int(a), int(b)) for a, b in zip(edges[::2], edges[1::2])]
+
+
+def query_mask(input_ids_row: np.ndarray, attention_mask_row: np.ndarray, spans: list[ImageSpan],
+               span: ImageSpan) -> np.ndarray:
+    """Text query positions for ``span``: real (unpadded) non-image tokens after the span."""
+    t = np.arange(len(input_ids_row))
+    mask = (t >= span.end) & (np.asarray(attention_mask_row) == 1)
+    for other in spans:
+        mask[other.start: other.end] = False
+    return mask

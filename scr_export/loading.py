@@ -126,31 +126,3 @@ def load_vlm(spec: str, *, dtype: str = "float32", device: str = "cpu") -> VLMFa
     fam = fam_cls(model, tokenizer, image_processor, processor_config)
     fam.source, fam.path, fam.preset = spec, path, preset
     return fam
-
-
-class ConfigOnlyModel:
-    """Stands in for the torch model where only its config is needed (deployed runtimes carry no torch weights)."""
-
-    def __init__(self, config: Any):
-        import torch
-
-        self.config = config
-        self.dtype = torch.float32
-
-
-def load_family_without_weights(path: str | Path) -> VLMFamily:
-    """The family adapter (layout, prompts, processing) of a directory with config, tokenizer and image processor."""
-    import transformers
-
-    path = Path(path)
-    fam_cls = detect_family(path)
-    fix = "convert the model again: the directory is incomplete"
-    with _quiet_transformers():
-        try:
-            config = transformers.AutoConfig.from_pretrained(path)
-        except (OSError, ValueError) as exc:
-            raise ModelLoadError(f"cannot read the config in {path}: {exc}", fix) from None
-        tokenizer, image_processor, processor_config = _load_processing(path, fix)
-    fam = fam_cls(ConfigOnlyModel(config), tokenizer, image_processor, processor_config)
-    fam.source, fam.path, fam.preset = str(path), path, None
-    return fam

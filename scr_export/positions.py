@@ -51,3 +51,20 @@ def mrope(input_ids: np.ndarray, attention_mask: np.ndarray, image_grid_thw: Seq
         deltas[b, 0] = (llm.max() + 1 if llm.size else 0) - mask[b].sum()
     nxt = mask.sum(-1, keepdims=True) + deltas
     return positions, np.broadcast_to(nxt[None], (3, batch, 1)).copy()
+
+
+def vision_positions(grid_thw: Sequence[int], merge: int) -> np.ndarray:
+    """Qwen2-VL vision rotary ids of one image, [t·h·w, 2] (row, column), laid out block-major over the merge×merge
+    blocks (transformers' ``get_vision_position_ids``)."""
+    t, h, w = (int(v) for v in np.asarray(grid_thw).reshape(3))
+    hh, ww = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    block = (h // merge, merge, w // merge, merge)
+    rows = hh.reshape(block).transpose(0, 2, 1, 3).reshape(-1)
+    cols = ww.reshape(block).transpose(0, 2, 1, 3).reshape(-1)
+    return np.tile(np.stack([rows, cols], -1), (t, 1)).astype(np.int64)
+
+
+def vision_cu_seqlens(grid_thw: Sequence[int]) -> np.ndarray:
+    """Qwen2-VL's vision attention segments of one image: one per frame, [t + 1] int32 cumulative lengths."""
+    t, h, w = (int(v) for v in np.asarray(grid_thw).reshape(3))
+    return np.concatenate([[0], np.cumsum(np.full(t, h * w))]).astype(np.int32)

@@ -17,7 +17,7 @@ from .layout import ImageSpan
 class VLMInputs:
     """Tokenised, padded inputs of a batch, with where each image's tokens are."""
 
-    tensors: dict[str, Any]                # input_ids, attention_mask, pixel_values, family extras (torch)
+    tensors: dict[str, Any]                # input_ids, attention_mask, pixel_values, family extras (torch or numpy)
     layouts: list[list[ImageSpan]]         # per batch row
     texts: list[str]                       # the expanded prompt text per row
     images: list[list[Any]] | None = None  # the PIL images per row (runtimes with their own image path use them)
@@ -30,9 +30,27 @@ class VLMInputs:
     def attention_mask(self):
         return self.tensors["attention_mask"]
 
-    def to(self, device) -> "VLMInputs":
-        """The same inputs with every tensor on ``device`` (floating point pixels keep their dtype)."""
-        moved = {k: (v.to(device) if hasattr(v, "to") else v) for k, v in self.tensors.items()}
+    def array(self, name: str):
+        """Tensor ``name`` as a numpy array, whether this batch was encoded with torch (``encode``) or without
+        (``scr_export.hostproc``): what the runners read."""
+        import numpy as np
+
+        value = self.tensors[name]
+        return value.cpu().numpy() if hasattr(value, "cpu") else np.asarray(value)
+
+    def to(self, device, dtype=None) -> "VLMInputs":
+        """The same inputs as torch tensors on ``device``; numpy arrays (a torch-free encode) become tensors, their
+        floating point ones of ``dtype`` when given (torch tensors keep theirs)."""
+        import numpy as np
+        import torch
+
+        def move(v):
+            if isinstance(v, np.ndarray):
+                t = torch.from_numpy(np.ascontiguousarray(v))
+                return t.to(device, dtype) if dtype is not None and t.is_floating_point() else t.to(device)
+            return v.to(device) if hasattr(v, "to") else v
+
+        moved = {k: move(v) for k, v in self.tensors.items()}
         return VLMInputs(tensors=moved, layouts=self.layouts, texts=self.texts, images=self.images)
 
     @property

@@ -21,7 +21,7 @@ def plan_for_inputs(family: VLMFamily, inputs: VLMInputs, config: SCRConfig,
     """Run the diagnostic pass (unless ``maps`` is given) and plan every image of the batch."""
     config = config.clamped(family.num_layers)
     if maps is None:
-        inputs = inputs.to(family.device)
+        inputs = inputs.to(family.device, family.model.dtype)
         maps = attention_maps(family, inputs.tensors, inputs.layouts, config)
     plan = plan_sequence(inputs.layouts, maps, inputs.shape[1], config)
     plan.attention = maps  # kept for explain / validate
@@ -62,7 +62,7 @@ def generate(family: VLMFamily, inputs: VLMInputs, config: SCRConfig | None = No
     pad = _pad_id(family)
     model = family.model
     device = family.device
-    inputs = inputs.to(device)
+    inputs = inputs.to(device, model.dtype)
     tensors = dict(inputs.tensors)
     steps = max_new_tokens if forced_tokens is None else len(forced_tokens[0])
     generated: list[torch.Tensor] = []

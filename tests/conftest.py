@@ -42,3 +42,35 @@ def family_name(request):
 @pytest.fixture(scope="session")
 def vlm(family_name):
     return load(TINY_PRESETS[family_name])
+
+
+_CONVERTED: dict = {}
+
+
+@pytest.fixture(scope="session")
+def converted(tmp_path_factory):
+    """``converted(family)``: the tiny preset converted to an ONNX directory, once per session (path, report)."""
+    def get(family: str):
+        from scr_export.convert import convert_to_onnx
+
+        if family not in _CONVERTED:
+            out = tmp_path_factory.mktemp("onnx") / family
+            _CONVERTED[family] = convert_to_onnx(TINY_PRESETS[family], out, progress=lambda m: None)
+        return _CONVERTED[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def gguf_dir(tmp_path_factory):
+    """``gguf_dir(family, quant)``: the tiny preset converted to a GGUF directory, once per session."""
+    def get(family: str, quant: str):
+        from runtimes.llamacpp.convert import convert_to_gguf
+
+        key = (family, quant)
+        if key not in _CONVERTED:
+            out = tmp_path_factory.mktemp("gguf") / f"{family}-{quant}"
+            _CONVERTED[key] = convert_to_gguf(TINY_PRESETS[family], out, quant=quant, progress=lambda m: None)
+        return _CONVERTED[key]
+
+    return get

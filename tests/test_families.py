@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import TINY_PRESETS, load, make_image
-from scr_export.diagnostic import query_mask
+from scr_export.layout import query_mask
 from scr_export.errors import ConfigError
 from scr_export.families import FAMILIES
 from scr_export.processing import encode

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-onnx = pytest.importorskip("onnx", reason="the ONNX extra is not installed: pip install -e '.[onnx]'")
-ort = pytest.importorskip("onnxruntime", reason="the ONNX extra is not installed: pip install -e '.[onnx]'")
-ir = pytest.importorskip("onnx_ir", reason="the ONNX extra is not installed: pip install -e '.[onnx]'")
+onnx = pytest.importorskip("onnx", reason="the export extra is not installed: pip install -e '.[export]'")
+ort = pytest.importorskip("onnxruntime", reason="the export extra is not installed: pip install -e '.[export]'")
+ir = pytest.importorskip("onnx_ir", reason="the export extra is not installed: pip install -e '.[export]'")
 
 from conftest import TINY_PRESETS, load, make_image  # noqa: E402
 from graph_passes.insert_redistribution import InsertRedistributionPass, PreconditionError  # noqa: E402

@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 
 pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed: pip install -e '.[llamacpp]'")
-pytest.importorskip("onnxruntime", reason="the ONNX extra is not installed: pip install -e '.[onnx]'")
+pytest.importorskip("onnxruntime", reason="the export extra is not installed: pip install -e '.[export]'")
 
 from conftest import TINY_PRESETS, load, make_image  # noqa: E402
-from runtimes.llamacpp.convert import convert_to_gguf  # noqa: E402
 from runtimes.llamacpp.eval_callback import DecodeCallbackError  # noqa: E402
 from runtimes.llamacpp.quantize import dequantized_model  # noqa: E402
 from runtimes.llamacpp.quirks import apply_quirks  # noqa: E402
@@ -26,19 +25,8 @@ from scr_export.reference import image_features_override  # noqa: E402
 from scr_export.reference import generate, plan_for_inputs  # noqa: E402
 
 GGUF_FAMILIES = ["llava", "internvl", "qwen2_vl", "chameleon"]
-_CONVERTED: dict = {}
 
 
-@pytest.fixture(scope="session")
-def gguf_dir(tmp_path_factory):
-    def get(family: str, quant: str):
-        key = (family, quant)
-        if key not in _CONVERTED:
-            out = tmp_path_factory.mktemp("gguf") / f"{family}-{quant}"
-            _CONVERTED[key] = convert_to_gguf(TINY_PRESETS[family], out, quant=quant, progress=lambda m: None)
-        return _CONVERTED[key]
-
-    return get
 
 
 @pytest.mark.parametrize("family", GGUF_FAMILIES)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("onnxruntime", reason="the ONNX extra is not installed: pip install -e '.[onnx]'")
+pytest.importorskip("onnxruntime", reason="the export extra is not installed: pip install -e '.[export]'")
 
 from conftest import TINY_PRESETS, load, make_image  # noqa: E402
 from runtimes.onnxruntime_runner import OrtVLM  # noqa: E402
@@ -19,18 +19,8 @@ from scr_export.convert import convert_to_onnx  # noqa: E402
 from scr_export.reference import generate  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-_CONVERTED: dict[str, tuple[Path, object]] = {}
 
 
-@pytest.fixture(scope="session")
-def converted(tmp_path_factory):
-    def get(family: str):
-        if family not in _CONVERTED:
-            out = tmp_path_factory.mktemp("onnx") / family
-            _CONVERTED[family] = convert_to_onnx(TINY_PRESETS[family], out, progress=lambda m: None)
-        return _CONVERTED[family]
-
-    return get
 
 
 def test_conversion_passes_the_fp32_gates(family_name, converted):

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("onnxruntime", reason="the ONNX extra is not installed: pip install -e '.[onnx]'")
+pytest.importorskip("onnxruntime", reason="the export extra is not installed: pip install -e '.[export]'")
 
 from conftest import TINY_PRESETS, make_image  # noqa: E402
 from runtimes.kernels import build  # noqa: E402

@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 
 from scr_export.config import SCRConfig
-from scr_export.diagnostic import query_mask
 from scr_export.errors import SCRExportError
+from scr_export.layout import query_mask
 from scr_export.manifest import read_manifest
 from scr_export.plan import SequencePlan, plan_sequence
 from scr_export.processing import VLMInputs
@@ -102,7 +102,7 @@ class LlamaCppVLM:
     def embed(self, inputs: VLMInputs) -> np.ndarray:
         if self.mtmd is None:
             return self.images.embed(inputs).astype(np.float32)
-        ids = inputs.input_ids.numpy()
+        ids = inputs.array("input_ids")
         embeds = self.images._run("embed_tokens", {"input_ids": ids})[0].astype(np.float32)
         mask = ids == self.family.image_token_id
         embeds[mask] = self.image_features(inputs)
@@ -135,7 +135,7 @@ class LlamaCppVLM:
             cb.active = False
             cb.handlers.clear()
         attn = collector.result()
-        ids, am = inputs.input_ids[0].numpy(), inputs.attention_mask[0].numpy()
+        ids, am = inputs.array("input_ids")[0], inputs.array("attention_mask")[0]
         spans = inputs.layouts[0]
         row = []
         for span in spans:

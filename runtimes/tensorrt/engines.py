@@ -36,11 +36,12 @@ def import_tensorrt():
 
 
 def gpu_capability() -> tuple[int, int]:
-    import torch
+    from .cuda import CudaUnavailable, device_capability
 
-    if not torch.cuda.is_available():
-        raise TensorRTUnavailable("no CUDA GPU is visible", "build the engines on the target device")
-    return torch.cuda.get_device_capability()
+    try:
+        return device_capability()
+    except CudaUnavailable as exc:
+        raise TensorRTUnavailable(exc.problem, exc.fix) from None
 
 
 def _engine_uses_plugin(trt, engine) -> bool:

@@ -24,13 +24,14 @@ class _Arg:
 
 
 class TrtSession:
-    """One engine with ONNX Runtime's session interface; picks the optimisation profile that covers the feed."""
+    """One engine with ONNX Runtime's session interface; picks the optimisation profile that covers the feed. GPU
+    memory and the stream come from cuda-python (``runtimes.tensorrt.cuda``): no torch on the run path."""
 
     def __init__(self, engine_path: Path, profiles: list[dict]):
-        import torch
+        from .cuda import DeviceMemory
 
         trt = import_tensorrt()
-        self.trt, self.torch = trt, torch
+        self.trt = trt
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.engine = trt.Runtime(self.logger).deserialize_cuda_engine(Path(engine_path).read_bytes())
         if self.engine is None:
@@ -43,7 +44,7 @@ class TrtSession:
         mode = self.engine.get_tensor_mode
         self.inputs = [n for n in names if mode(n) == trt.TensorIOMode.INPUT]
         self.outputs = [n for n in names if mode(n) == trt.TensorIOMode.OUTPUT]
-        self.stream = torch.cuda.Stream()
+        self.memory = DeviceMemory()
 
     def get_inputs(self):
         return [_Arg(n) for n in self.inputs]
@@ -54,44 +55,41 @@ class TrtSession:
     def get_providers(self):
         return [f"TensorRT {self.trt.__version__}"]
 
-    def _torch_dtype(self, name: str):
-        trt, torch = self.trt, self.torch
-        return {trt.float32: torch.float32, trt.float16: torch.float16, trt.bfloat16: torch.bfloat16,
-                trt.int64: torch.int64, trt.int32: torch.int32, trt.bool: torch.bool}[self.engine.get_tensor_dtype(name)]
+    def _dtype(self, name: str):
+        trt = self.trt
+        types = {trt.float32: np.float32, trt.float16: np.float16, trt.int64: np.int64, trt.int32: np.int32,
+                 trt.int8: np.int8, trt.bool: np.bool_}
+        dtype = self.engine.get_tensor_dtype(name)
+        if dtype not in types:
+            raise SCRExportError(f"the engine's tensor {name} is of type {dtype}, which the host cannot hold",
+                                 "convert with float32 or float16 graph inputs and outputs")
+        return types[dtype]
 
     def run(self, output_names, feed: dict[str, np.ndarray]):
-        torch = self.torch
         shapes = {k: tuple(v.shape) for k, v in feed.items()}
         idx = next((i for i, p in enumerate(self.profiles) if covers(p, shapes)), None)
         if idx is None:
             raise SCRExportError(f"the inputs {shapes} are outside the engine's optimisation profiles",
                                  "convert again with larger limits (--max-seq, --max-images, --max-batch)")
-        with torch.cuda.stream(self.stream):
-            if idx != self.profile:
-                self.context.set_optimization_profile_async(idx, self.stream.cuda_stream)
-                self.profile = idx
-            keep = []
-            for name in self.inputs:
-                t = torch.from_numpy(np.ascontiguousarray(feed[name])).to("cuda", self._torch_dtype(name))
-                if t.numel() == 0:  # TensorRT wants a valid address even for empty tensors
-                    keep.append(torch.empty(1, dtype=t.dtype, device="cuda"))
-                    addr = keep[-1].data_ptr()
-                else:
-                    addr = t.data_ptr()
-                keep.append(t)
-                self.context.set_input_shape(name, t.shape)
-                self.context.set_tensor_address(name, addr)
-            outs = {}
-            for name in self.outputs:
-                shape = tuple(self.context.get_tensor_shape(name))
-                outs[name] = torch.empty(shape, dtype=self._torch_dtype(name), device="cuda")
-                self.context.set_tensor_address(name, outs[name].data_ptr() if outs[name].numel() else
-                                                torch.empty(1, device="cuda").data_ptr())
-            if not self.context.execute_async_v3(self.stream.cuda_stream):
-                raise SCRExportError("TensorRT failed to run the engine", "see TensorRT's log above")
-        self.stream.synchronize()
+        mem = self.memory
+        if idx != self.profile:
+            self.context.set_optimization_profile_async(idx, int(mem.stream))
+            self.profile = idx
+        for name in self.inputs:
+            value = np.ascontiguousarray(feed[name], self._dtype(name))
+            self.context.set_input_shape(name, value.shape)
+            self.context.set_tensor_address(name, mem.upload(name, value))
+        shapes = {}
+        for name in self.outputs:
+            shapes[name] = tuple(self.context.get_tensor_shape(name))
+            nbytes = int(np.prod(shapes[name], dtype=np.int64)) * np.dtype(self._dtype(name)).itemsize
+            self.context.set_tensor_address(name, mem.buffer(name, nbytes))
+        if not self.context.execute_async_v3(int(mem.stream)):
+            raise SCRExportError("TensorRT failed to run the engine", "see TensorRT's log above")
         names = output_names or self.outputs
-        return [outs[n].cpu().numpy() for n in names]
+        outs = [mem.download(n, shapes[n], self._dtype(n)) for n in names]
+        mem.synchronize()
+        return outs
 
 
 class TrtVLM(OrtVLM):
