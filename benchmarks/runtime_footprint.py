@@ -1,15 +1,18 @@
-"""Benchmark (not a test): what `scr-export run` costs to start on an ONNX directory, against the floor of a runtime
-that carries no training framework. Ratios, one run each (medians of --repeats fresh processes).
+"""Benchmark (not a test): what `scr-export run` costs to start on an ONNX directory, torch-free (issue 11) against
+the path before it, with the floor of numpy + ONNX Runtime alone for scale. Medians of --repeats fresh processes.
 
     python benchmarks/runtime_footprint.py [--model small-llava] [--dir DIR] [--repeats 3]
 
 Each measure is a fresh Python process (peak RSS from getrusage of the child; wall-clock times):
-  * today: `python -m scr_export.cli run DIR --image IMG --prompt P --max-new-tokens 1` (imports torch and
-    transformers for the processors and the family adapter) and the import of its run path alone;
-  * the floor: numpy + onnxruntime only, the same graphs and sessions, fed the inputs today's path computed (saved
-    to an .npz beforehand): vision encoder -> embeddings -> diagnostic -> GroupQueryAttention prefill, the first token.
-    A torch-free runtime (issue 11) can approach it but not beat it: it must also tokenise and pre-process.
-Prints today's figures, the floor's, and floor / today (issue 11's targets: RSS <= 0.35x, start-up <= 0.3x).
+  * before: the path `run` took before the lean runtime, rebuilt here: torch and transformers imported, the
+    tokenizer, image processor and config loaded with transformers, inputs from ``scr_export.processing.encode``,
+    then the same runner to the first token;
+  * torch-free: `python -m scr_export.cli run DIR --image IMG --prompt P --max-new-tokens 1` in a process where
+    importing torch, transformers or onnx raises (so it provably carries none of them);
+  * floor: numpy + onnxruntime only, the same graphs and sessions, fed the inputs the runner computed (an .npz):
+    vision -> embeddings -> diagnostic -> GroupQueryAttention prefill, the first token; no tokeniser, no images.
+All three must give the same first token. Prints the figures and torch-free / before (issue 11's targets:
+RSS <= 0.35x, start-up <= 0.3x).
 """
 
 from __future__ import annotations
@@ -32,6 +35,36 @@ if res.returncode:
     sys.stderr.write(res.stderr[-3000:]); sys.exit(res.returncode)
 print(json.dumps({"wall_s": wall, "peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
                   "stdout": res.stdout[-2000:]}))
+"""
+
+_BLOCK = """
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in ("torch", "transformers", "onnx", "onnxscript", "onnx_ir"):
+            raise ModuleNotFoundError(f"No module named {name!r} (blocked)", name=name)
+sys.meta_path.insert(0, Block())
+"""
+
+_BEFORE = """
+import json, sys, time, types
+t0 = time.perf_counter()
+import torch, transformers
+from runtimes.onnxruntime_runner import OrtVLM
+from scr_export.families import FAMILIES
+from scr_export.processing import encode, load_image
+t_import = time.perf_counter() - t0
+d, image, prompt = sys.argv[1:4]
+m = json.load(open(f"{d}/manifest.json"))
+config = transformers.AutoConfig.from_pretrained(d)
+tok = transformers.AutoTokenizer.from_pretrained(d)
+proc = transformers.AutoImageProcessor.from_pretrained(d)
+model = types.SimpleNamespace(config=config, dtype=torch.float32)
+fam = FAMILIES[m["family"]](model, tok, proc, {})
+runner = OrtVLM(d, device="cpu")
+inputs = encode(fam, [[load_image(image)]], [prompt])
+token = int(runner.generate(inputs, max_new_tokens=1, stop_at_eos=False).tokens[0, 0])
+print(json.dumps({"import_s": t_import, "token": token}))
 """
 
 _FLOOR = """
@@ -77,10 +110,11 @@ print(json.dumps({"import_s": t_import, "token": token}))
 """
 
 
-def measure(cmd: list[str], repeats: int) -> dict:
+def measure(cmd: list[str], repeats: int, env: dict | None = None) -> dict:
     runs = []
     for _ in range(repeats):
-        out = subprocess.run([sys.executable, "-c", _MEASURE, *cmd], capture_output=True, text=True, cwd=ROOT)
+        out = subprocess.run([sys.executable, "-c", _MEASURE, *cmd], capture_output=True, text=True, cwd=ROOT,
+                             env=env)
         if out.returncode:
             raise SystemExit(f"failed: {' '.join(cmd)}\n{out.stderr}")
         runs.append(json.loads(out.stdout))
@@ -91,7 +125,7 @@ def measure(cmd: list[str], repeats: int) -> dict:
 
 
 def save_inputs(directory: Path, image: str, prompt: str, path: Path) -> None:
-    """Today's path computes the floor's inputs once (token ids, pixels, positions, the plan)."""
+    """The runner computes the floor's inputs once (token ids, pixels, positions, the plan)."""
     import numpy as np
 
     sys.path.insert(0, str(ROOT))
@@ -102,14 +136,14 @@ def save_inputs(directory: Path, image: str, prompt: str, path: Path) -> None:
     r = OrtVLM(directory, device="cpu")
     inputs = r.encode([[load_image(image)]], [prompt])
     plan = r.plan(inputs)
-    ids = inputs.input_ids.numpy()
-    am = inputs.attention_mask.numpy()
+    ids = inputs.array("input_ids")
+    am = inputs.array("attention_mask")
     qmask = query_mask(ids[0], am[0], inputs.layouts[0], inputs.layouts[0][0])[None, None].astype(np.float32)
     positions, _ = r.positions(inputs)
     hidden = r._session("embed_tokens").get_outputs()[0].shape[-1]
     first = r.generate(inputs, plan=plan, max_new_tokens=1, stop_at_eos=False).tokens[0, 0]
     np.savez(path, first_token=first, input_ids=ids, attention_mask=am, position_ids=positions, query_mask=qmask,
-             pixel_values=inputs.tensors["pixel_values"].numpy().astype(np.float32),
+             pixel_values=inputs.array("pixel_values").astype(np.float32),
              image_mask=ids == r.family.image_token_id, donor=plan.donor, scale=plan.scale, weight=plan.weight,
              hidden=hidden, layers=r.num_layers, kv_heads=r.kv_heads, head_dim=r.head_dim)
 
@@ -135,30 +169,37 @@ def main() -> int:
 
     run = ["-m", "scr_export.cli", "run", str(directory), "--image", args.image, "--prompt", args.prompt,
            "--max-new-tokens", "1", "--device", "cpu"]
-    imports = ["-c", "import time; t = time.perf_counter(); import scr_export.cli, runtimes.registry, "
-               "runtimes.onnxruntime_runner, scr_export.loading, transformers, torch; "
-               "print(time.perf_counter() - t)"]
-    today = measure([sys.executable, *run], args.repeats)
-    today_import = measure([sys.executable, *imports], args.repeats)
+    block = work / "block"
+    block.mkdir()
+    (block / "sitecustomize.py").write_text(_BLOCK)  # the torch-free process: torch/transformers/onnx raise
+    import os
+
+    env = {**os.environ, "PYTHONPATH": f"{block}{os.pathsep}{ROOT}"}
+    lean_imports = ["-c", "import time; t = time.perf_counter(); import scr_export.cli, runtimes.registry, "
+                    "runtimes.onnxruntime_runner, scr_export.hostproc.model, onnxruntime, tokenizers, PIL.Image; "
+                    "print(time.perf_counter() - t)"]
+    before = measure([sys.executable, "-c", _BEFORE, str(directory), args.image, args.prompt], args.repeats)
+    lean = measure([sys.executable, *run], args.repeats, env)
+    lean_import = measure([sys.executable, *lean_imports], args.repeats, env)
     floor = measure([sys.executable, "-c", _FLOOR, str(directory), str(npz)], args.repeats)
-    got = json.loads(floor["stdout"].strip().splitlines()[-1])
-    floor_import = got["import_s"]
     import numpy as np
 
     want = int(np.load(npz)["first_token"])
-    if got["token"] != want:  # the floor must do the same work, not less
-        raise SystemExit(f"the floor's first token {got['token']} differs from the runner's {want}")
-    t_import = float(today_import["stdout"].strip().splitlines()[-1])
-    rows = [("peak RSS (MB)", today["peak_rss_mb"], floor["peak_rss_mb"]),
-            ("imports (s)", t_import, floor_import),
-            ("start to first token (s)", today["wall_s"], floor["wall_s"])]
+    got_before = json.loads(before["stdout"].strip().splitlines()[-1])
+    got_floor = json.loads(floor["stdout"].strip().splitlines()[-1])
+    for name, token in (("before", got_before["token"]), ("floor", got_floor["token"])):
+        if token != want:  # every column must do the same work, not less
+            raise SystemExit(f"the {name} path's first token {token} differs from the runner's {want}")
+    rows = [("peak RSS (MB)", before["peak_rss_mb"], lean["peak_rss_mb"], floor["peak_rss_mb"]),
+            ("imports (s)", got_before["import_s"], float(lean_import["stdout"].strip().splitlines()[-1]),
+             got_floor["import_s"]),
+            ("start to first token (s)", before["wall_s"], lean["wall_s"], floor["wall_s"])]
     print(f"{directory} ({args.model if not args.dir else 'given'}), CPU, median of {args.repeats} fresh processes; "
-          f"the same first token ({want}) both ways")
-    print(f"{'':<26}{'today':>10}{'floor':>10}{'floor/today':>13}")
-    for name, a, b in rows:
-        print(f"{name:<26}{a:>10.2f}{b:>10.2f}{b / a:>13.3f}")
-    print("targets for the torch-free runtime (issue 11): RSS <= 0.35x, start-up <= 0.3x; the floor is what a "
-          "runtime with no training framework cannot go below")
+          f"the same first token ({want}) on every path")
+    print(f"{'':<26}{'before':>10}{'torch-free':>12}{'floor':>10}{'torch-free/before':>19}{'floor/before':>14}")
+    for name, a, b, c in rows:
+        print(f"{name:<26}{a:>10.2f}{b:>12.2f}{c:>10.2f}{b / a:>19.3f}{c / a:>14.3f}")
+    print("issue 11's targets for torch-free / before: RSS <= 0.35x, start-up <= 0.3x")
     return 0
 
 

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-PRESET_FORMAT = 5  # bump when a builder changes, so cached presets are rebuilt
+PRESET_FORMAT = 6  # bump when a builder changes, so cached presets are rebuilt
 SEED = 0
 
 
@@ -43,7 +43,7 @@ def _llava(image_size: int, patch: int, vision: dict, text: dict, scr: dict):
 
     from .tokenizer import build_byte_tokenizer
 
-    tok = build_byte_tokenizer(["<image>"], {"image_token": "<image>"})
+    tok = build_byte_tokenizer(["<image>"], {"image_token": "<image>"}, add_bos=True)  # LLaVA-1.5's Llama tokenizer
     cfg = T.LlavaConfig(
         vision_config=T.CLIPVisionConfig(image_size=image_size, patch_size=patch, **vision),
         text_config=T.LlamaConfig(**_text(tok, **text)), image_token_id=tok.image_token_id,
@@ -120,7 +120,7 @@ def build_tiny_chameleon():
     code_tokens = ["IMGIMG" + "".join(letters[int(d)] for d in str(i)) + "Z" for i in range(n_codes)]
     tok = build_byte_tokenizer(["<image>", "<racm3:break>", "<eoss>"],
                                {"image_token": "<image>", "boi_token": "<racm3:break>", "eoi_token": "<eoss>"},
-                               sep_token="<reserved08706>", leading_tokens=code_tokens)
+                               sep_token="<reserved08706>", leading_tokens=code_tokens, add_bos=True)
     vocab = tok.get_vocab()
     vocabulary_map = {t: vocab[t] for t in ["<image>", *code_tokens]}
     cfg = T.ChameleonConfig(**_text(tok), vocabulary_map=vocabulary_map,

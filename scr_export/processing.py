@@ -93,7 +93,8 @@ def encode(family: VLMFamily, images: Sequence[Sequence[Any]], prompts: Sequence
         texts.append(text)
     tok = family.tokenizer
     tok.padding_side = "left"
-    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    # special tokens as the family's processor adds them (BOS for Llama-tokenizer checkpoints: LLaVA-1.5, Chameleon)
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=True)
     tensors: dict[str, Any] = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
     dtype = family.model.dtype
     tensors.update({k: (v.to(dtype) if v.is_floating_point() else v)

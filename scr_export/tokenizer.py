@@ -7,14 +7,16 @@ from collections.abc import Sequence
 
 def build_byte_tokenizer(special_tokens: Sequence[str], named_tokens: dict[str, str] | None = None,
                          chat_template: str | None = None, sep_token: str | None = None,
-                         leading_tokens: Sequence[str] = ()):
+                         leading_tokens: Sequence[str] = (), add_bos: bool = False):
     """A real ``PreTrainedTokenizerFast``: 256 byte tokens, then ``special_tokens`` in order.
 
     ``named_tokens`` become tokenizer attributes (``tokenizer.image_token`` ...), as the family processors expect.
     ``leading_tokens`` (e.g. Chameleon's 8192 image-code tokens) get the ids right after <s> </s> <pad> <unk>,
-    as in the real vocabulary, and the bytes move behind them.
+    as in the real vocabulary, and the bytes move behind them. ``add_bos``: tokenising with special tokens puts <s>
+    first, as the Llama tokenizers of real LLaVA-1.5 and Chameleon checkpoints do (a post-processor in
+    tokenizer.json, so transformers and the tokenizers library agree).
     """
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
@@ -29,6 +31,10 @@ def build_byte_tokenizer(special_tokens: Sequence[str], named_tokens: dict[str, 
     base = ["<s>", "</s>", "<pad>", "<unk>"] + ([sep_token] if sep_token else [])
     ordered = base + [t for t in special_tokens if t not in base]
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ordered])
+    if add_bos:
+        bos = backend.token_to_id("<s>")
+        backend.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                               special_tokens=[("<s>", bos)])
     return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
                                    unk_token="<unk>", sep_token=sep_token, model_specific_special_tokens=dict(named_tokens or {}),
                                    chat_template=chat_template, padding_side="left")

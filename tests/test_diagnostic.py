@@ -13,7 +13,7 @@ from scr_export.processing import encode
 def test_attention_map_matches_output_attentions(vlm, image):
     inputs = encode(vlm, [[image]], ["Which object is red?"])
     cfg = vlm.scr_config()
-    maps = attention_maps(vlm, inputs.tensors, inputs.layouts, cfg)
+    maps = attention_maps(vlm, inputs.to("cpu").tensors, inputs.layouts, cfg)
     with torch.no_grad():
         out = vlm.model(**vlm.forward_inputs(inputs.tensors), output_attentions=True, use_cache=False)
     (span,) = inputs.layouts[0]

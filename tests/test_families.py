@@ -68,7 +68,7 @@ def _compare_with_family_processor(vlm, image, inputs, cls_name, kwargs):
     prompt = vlm.format_prompt("What is in the picture?", 1)
     if cls_name == "ChameleonProcessor":
         prompt = prompt[: -len(vlm.tokenizer.sep_token)]  # the processor appends it itself
-    theirs = proc(images=[image], text=[prompt], return_tensors="pt", add_special_tokens=False)
+    theirs = proc(images=[image], text=[prompt], return_tensors="pt")  # the processor's defaults: BOS where it adds one
     assert theirs["input_ids"].tolist() == inputs.input_ids.tolist()
     assert torch.equal(theirs["pixel_values"], inputs.tensors["pixel_values"])
 
@@ -211,3 +211,14 @@ def test_chameleon_defaults_follow_the_model_size(layers, hidden, want):
 def test_the_chameleon_preset_keeps_its_own_small_ranges():
     fam = load(TINY_PRESETS["chameleon"])
     assert fam.scr_config().layers == tuple(fam.config.scr_export["layers"])
+
+
+def test_prompts_start_with_bos_where_the_family_tokenizer_adds_it(vlm, image):
+    """Real LLaVA-1.5 and Chameleon checkpoints carry Llama tokenizers that put <s> first (their processors tokenise
+    with special tokens); Qwen2-VL's and InternVL's Qwen2 tokenizers add none. The presets copy that, and both
+    encoders (transformers', the torch-free one) follow the tokenizer."""
+    inputs = encode(vlm, [[image]], ["Describe."])
+    bos = vlm.tokenizer.convert_tokens_to_ids("<s>")
+    ids = inputs.input_ids[0].tolist()
+    assert (ids[0] == bos) == (vlm.name in ("llava", "chameleon"))
+    assert ids.count(bos) == (1 if vlm.name in ("llava", "chameleon") else 0)

@@ -173,6 +173,6 @@ def test_extracted_diagnostic_graph_gives_the_reference_attention_map(family_nam
     feed = {k: v for k, v in _feed(vlm, dec).items() if k in {i.name for i in sess.get_inputs()}}
     feed[QUERY_MASK] = qmask
     got = sess.run([ATTENTION_MAP], feed)[0][0]
-    want = attention_maps(vlm, inputs.tensors, inputs.layouts, cfg)[0]
+    want = attention_maps(vlm, inputs.to("cpu").tensors, inputs.layouts, cfg)[0]
     for i, span in enumerate(spans):
         np.testing.assert_allclose(got[i, span.start:span.end], want[i], rtol=1e-5, atol=1e-8)

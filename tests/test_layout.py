@@ -101,3 +101,18 @@ def test_arrows_point_one_way():
     # the validator sees runners only through the registry
     assert {t for t in g["scr_export.parity"] if t.startswith("runtimes")} == {"runtimes.registry"}
     assert {t for t in g["scr_export.cli"] if t.startswith("runtimes.") and t.endswith(("runner", "_runner"))} == set()
+
+
+def test_the_readme_layout_matches_the_tree():
+    """Every module of the packages and benchmarks is named in the README's layout section, and every file named
+    there exists."""
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("## Layout")[1].split("```")[1]
+    named = set(re.findall(r"\w+\.(?:py|cu|h|cc)\b", block))
+    files = [p for pkg in (*PACKAGES, "benchmarks") for p in (ROOT / pkg).rglob("*")
+             if p.suffix in (".py", ".cu", ".h", ".cc") and p.name != "__init__.py"]
+    assert not sorted(str(p.relative_to(ROOT)) for p in files if p.name not in named), "not in the README's layout"
+    present = {p.name for p in files}
+    assert not sorted(n for n in named if n not in present), "named in the README's layout but absent"

@@ -67,7 +67,7 @@ def test_f32_gguf_with_scr_matches_the_reference(family, gguf_dir):
     same_images = (image_features_override(vlm, runner.image_features(inputs)) if runner.mtmd is not None
                    else contextlib.nullcontext())
     with same_images:
-        want = attention_maps(vlm, inputs.tensors, inputs.layouts, cfg)
+        want = attention_maps(vlm, inputs.to("cpu").tensors, inputs.layouts, cfg)
     np.testing.assert_allclose(got[0][0], want[0][0], rtol=1e-4, atol=1e-7)  # the callback reads the same map
     on = runner.generate(inputs, max_new_tokens=1, keep_prefill_logits=True)
     off = runner.generate(inputs, scr=False, max_new_tokens=1, keep_prefill_logits=True)
@@ -327,3 +327,16 @@ def test_redistribution_handler_edits_the_planned_rows_and_refuses_a_split():
 def _cosine(a, b):
     a, b = np.asarray(a, np.float64).reshape(-1), np.asarray(b, np.float64).reshape(-1)
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def test_a_prompt_beyond_the_llama_context_is_refused(gguf_dir):
+    """The context guard of the llama.cpp runner: prompt (image tokens included) + new tokens beyond n_ctx is
+    refused with the numbers and a fix, before the diagnostic pass."""
+    out, _ = gguf_dir("llava", "q8_0")
+    runner = LlamaCppVLM(out)
+    inputs = runner.encode([[make_image()]], ["Describe."])
+    n_ctx = runner.llama.n_ctx
+    with pytest.raises(SCRExportError, match=rf"exceed the llama.cpp context \(n_ctx\) \({n_ctx}\)") as exc:
+        runner.generate(inputs, max_new_tokens=n_ctx)
+    assert "fewer new tokens" in exc.value.fix
+    assert runner.generate(inputs, max_new_tokens=2, stop_at_eos=False).tokens.shape == (1, 2)

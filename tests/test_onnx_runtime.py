@@ -144,7 +144,7 @@ def test_batched_prompts_with_left_padding_match_the_reference(converted):
     got = runner.generate(inputs, max_new_tokens=8, stop_at_eos=False, keep_prefill_logits=True)
     assert got.tokens.tolist() == ref.tokens.tolist()
     assert np.array_equal(got.plan.donor, ref.plan.donor) and len(got.plan.images) == 3
-    real = inputs.attention_mask.numpy().astype(bool)
+    real = inputs.array("attention_mask").astype(bool)
     diff = np.abs(got.prefill_logits - ref.prefill_logits)[real]
     assert diff.max() / np.abs(ref.prefill_logits[real]).max() <= 1e-4
 
@@ -325,16 +325,19 @@ def test_rotary_tables_only_for_position_only_rope(monkeypatch):
 
 def test_the_manifest_records_the_torch_free_preprocessing_settings(family_name, converted):
     """A converted directory holds what scr_export.hostproc needs: its encode, from the directory's files alone
-    (manifest "host", tokenizer.json, tokenizer_config.json), equals the runner's."""
+    (manifest "host" and "model_config", tokenizer.json, tokenizer_config.json), equals transformers' encode of
+    the checkpoint (ids, mask, pixels, image layouts), as the runner uses it."""
     from scr_export.hostproc import HostSettings, HostTokenizer
     from scr_export.hostproc import encode as host_encode
+    from scr_export.processing import encode
 
     out, _ = converted(family_name)
     settings = HostSettings(**json.loads((out / "manifest.json").read_text())["host"])
     runner = OrtVLM(out, device="cpu")
     images, prompts = [[make_image(170, 120, seed=9)], [make_image(seed=10)]], ["Is there a red block?", "Hi."]
-    want = runner.encode(images, prompts)
+    want = encode(load(TINY_PRESETS[family_name]), images, prompts)
     got = host_encode(images, prompts, settings, HostTokenizer(out))
+    assert runner.encode(images, prompts).layouts == want.layouts
     np.testing.assert_array_equal(got["input_ids"], want.input_ids.numpy())
     np.testing.assert_array_equal(got["attention_mask"], want.attention_mask.numpy())
     assert np.abs(got["pixel_values"] - want.tensors["pixel_values"].numpy().astype(np.float32)).max() <= 1e-6

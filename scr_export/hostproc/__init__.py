@@ -1,7 +1,7 @@
-"""Host pre-processing without torch or transformers (issue 11, in progress): images in numpy + PIL, image-token
-expansion as plain functions, tokens with the ``tokenizers`` library, and the whole of ``encode`` from plain
-settings, all equal to transformers' (tests/test_hostproc.py). Not yet on the runners' path: the family adapters still read transformers' configs,
-whose defaults a converted directory does not hold yet (the converter has to record them in the manifest)."""
+"""Host pre-processing without torch or transformers: images in numpy + PIL, image-token expansion as plain
+functions, tokens with the ``tokenizers`` library (special tokens as the checkpoint's tokenizer adds them: BOS for
+Llama tokenizers), and the whole of ``encode`` from plain settings, all equal to transformers' (tests/test_hostproc.py).
+``model.HostModel`` puts it together for a converted directory: what every runner builds its inputs with."""
 
 from .encode import HostSettings, encode, format_prompt
 from .images import PROCESSORS, process

@@ -43,9 +43,9 @@ class HostTokenizer:
         return None if token is None else self.tokenizer.token_to_id(token)
 
     def __call__(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
-        """input_ids and attention_mask [B, T], int64, left-padded (no special tokens added: the prompt formats
-        carry their own)."""
-        rows = [e.ids for e in self.tokenizer.encode_batch(list(texts), add_special_tokens=False)]
+        """input_ids and attention_mask [B, T], int64, left-padded; special tokens as the tokenizer's post-processor
+        adds them (BOS for Llama tokenizers), as the families' processors do."""
+        rows = [e.ids for e in self.tokenizer.encode_batch(list(texts), add_special_tokens=True)]
         length = max(len(r) for r in rows)
         if len(set(map(len, rows))) > 1 and self.pad_token_id is None:
             raise InputError("the tokenizer has no pad token, so prompts of different lengths cannot be batched",
