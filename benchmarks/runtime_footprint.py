@@ -86,8 +86,7 @@ feats = vision.run(None, {"pixel_values": npz["pixel_values"]})[0].reshape(-1, n
 emb = embed.run(None, {"input_ids": ids})[0]
 emb[npz["image_mask"]] = feats
 names = {i.name for i in diag.get_inputs()}
-feed = {"inputs_embeds": emb, "attention_mask": npz["attention_mask"], "position_ids": npz["position_ids"],
-        "scr_query_mask": npz["query_mask"]}
+feed = {"inputs_embeds": emb, "attention_mask": npz["attention_mask"], "position_ids": npz["position_ids"]}
 diag.run(None, {k: v for k, v in {**feed, **{n: np.zeros((1, npz["kv_heads"], 0, npz["head_dim"]), np.float32)
                                              for n in names if n.startswith("past")}}.items() if k in names})
 n_layers, kv, hd, T = int(npz["layers"]), int(npz["kv_heads"]), int(npz["head_dim"]), ids.shape[1]
@@ -130,7 +129,6 @@ def save_inputs(directory: Path, image: str, prompt: str, path: Path) -> None:
 
     sys.path.insert(0, str(ROOT))
     from runtimes.onnxruntime_runner import OrtVLM
-    from scr_export.layout import query_mask
     from scr_export.processing import load_image
 
     r = OrtVLM(directory, device="cpu")
@@ -138,11 +136,10 @@ def save_inputs(directory: Path, image: str, prompt: str, path: Path) -> None:
     plan = r.plan(inputs)
     ids = inputs.array("input_ids")
     am = inputs.array("attention_mask")
-    qmask = query_mask(ids[0], am[0], inputs.layouts[0], inputs.layouts[0][0])[None, None].astype(np.float32)
     positions, _ = r.positions(inputs)
     hidden = r._session("embed_tokens").get_outputs()[0].shape[-1]
     first = r.generate(inputs, plan=plan, max_new_tokens=1, stop_at_eos=False).tokens[0, 0]
-    np.savez(path, first_token=first, input_ids=ids, attention_mask=am, position_ids=positions, query_mask=qmask,
+    np.savez(path, first_token=first, input_ids=ids, attention_mask=am, position_ids=positions,
              pixel_values=inputs.array("pixel_values").astype(np.float32),
              image_mask=ids == r.family.image_token_id, donor=plan.donor, scale=plan.scale, weight=plan.weight,
              hidden=hidden, layers=r.num_layers, kv_heads=r.kv_heads, head_dim=r.head_dim)

@@ -20,7 +20,7 @@ import numpy as np
 from onnxruntime.quantization import CalibrationMethod
 from onnxruntime.quantization.calibrate import TensorsData, load_tensors_data, save_tensors_data
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: the diagnostic graph outputs per-layer head-mean rows (no query-mask input)
 
 
 class _Feeds:

@@ -1,4 +1,4 @@
-"""Cut a decoder graph after its last diagnostic layer and expose SCR.md's attention map, given a query mask."""
+"""Cut a decoder graph after its last diagnostic layer and expose each diagnostic layer's head-mean attention."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import re
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
-from .contract import ATTENTION_MAP, QUERY_MASK
+from .contract import ATTENTION_ROWS
 from .locate_layers import LayerOutputsNotFound, _scopes
 
 _LEGACY_SOFTMAX = re.compile(r"^.*/layers\.(?P<layer>\d+)/self_attn/Softmax(?:_\d+)?$")
@@ -32,8 +32,9 @@ class ExtractDiagnosticPass(ir.passes.InPlacePass):
     """Turn a (copy of the) decoder graph into the diagnostic graph of SCR.md pass 1.
 
     1. Precondition: every layer in ``diag_layers`` has an attention Softmax (the export used eager attention).
-    2. New input scr_query_mask [B, I, T]; new sole output scr_attention [B, I, T] =
-       (query_mask @ mean_{layers, heads} P) / Σ query_mask, i.e. A averaged over each image's query positions.
+    2. New sole output scr_attention_rows [B, L, T, T]: layer l's attention probabilities averaged over heads. The
+       host averages the layers and each image's query rows in float64 (``scr_export.attention_map``), the same
+       function every runtime uses, so the runtimes differ only by their attention arithmetic.
     3. Everything not needed for that output (later layers, the head, the KV outputs) is removed.
     Meant for the prefill (past length 0), where the key axis is the sequence.
     """
@@ -62,26 +63,17 @@ class ExtractDiagnosticPass(ir.passes.InPlacePass):
             nodes.append(n)
             return n.outputs[0]
 
-        mask = ir.val(QUERY_MASK, ir.DataType.FLOAT, ["batch", "images", "seq"])
-        graph.inputs.append(mask)
         axes_heads = add("Constant", [], value_ints=[1])
-        total = None
+        rows = []
         for i in self.diag_layers:
             p = add("Cast", [probs[i]], to=ir.DataType.FLOAT)
-            mean = add("ReduceMean", [p, axes_heads], keepdims=0)  # [B, T, T]
-            total = mean if total is None else add("Add", [total, mean])
-        scale = add("Constant", [], value_float=1.0 / len(self.diag_layers))
-        layer_mean = add("Mul", [total, scale])
-        summed = add("MatMul", [mask, layer_mean])  # [B, I, T]
-        axes_last = add("Constant", [], value_ints=[-1])
-        count = add("ReduceSum", [mask, axes_last], keepdims=1)
-        eps = add("Constant", [], value_float=1e-30)
-        out = ir.node("Div", [summed, add("Max", [count, eps])])
+            rows.append(add("ReduceMean", [p, axes_heads], keepdims=1))  # [B, 1, T, T]
+        out = ir.node("Concat", rows, attributes={"axis": 1}) if len(rows) > 1 else ir.node("Identity", rows)
         nodes.append(out)
         result = out.outputs[0]
-        result.name = ATTENTION_MAP
+        result.name = ATTENTION_ROWS
         result.dtype = ir.DataType.FLOAT
-        result.shape = ir.Shape(["batch", "images", "seq"])
+        result.shape = ir.Shape(["batch", len(rows), "seq", "seq"])
         graph.extend(nodes)
         graph.outputs.clear()
         graph.outputs.append(result)
@@ -93,7 +85,5 @@ class ExtractDiagnosticPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified=True)
 
     def ensures(self, model: ir.Model) -> None:
-        if [v.name for v in model.graph.outputs] != [ATTENTION_MAP]:
-            raise ir.passes.PostconditionError("the diagnostic graph must have exactly one output, scr_attention")
-        if QUERY_MASK not in {v.name for v in model.graph.inputs}:
-            raise ir.passes.PostconditionError("the diagnostic graph lost its query-mask input")
+        if [v.name for v in model.graph.outputs] != [ATTENTION_ROWS]:
+            raise ir.passes.PostconditionError(f"the diagnostic graph must have exactly one output, {ATTENTION_ROWS}")

@@ -15,7 +15,7 @@ import numpy as np
 from scr_export.config import SCRConfig
 from scr_export.errors import SCRExportError
 from scr_export.hostproc.model import HostModel
-from scr_export.layout import query_mask
+from scr_export.attention_map import batch_maps
 from scr_export.manifest import QUANTIZED, read_manifest
 from scr_export.plan import SequencePlan, plan_sequence
 from scr_export.positions import vision_cu_seqlens, vision_positions
@@ -475,20 +475,13 @@ class OrtVLM:
         return {f"past_key_values.{i}.{k}": empty for i in range(self.num_layers) for k in ("key", "value")}
 
     def attention_maps(self, inputs: VLMInputs, embeds: np.ndarray, positions: np.ndarray):
-        from graph_passes.contract import ATTENTION_MAP, QUERY_MASK
+        """The diagnostic graph's per-layer head-mean rows, reduced on the host (``scr_export.attention_map``)."""
+        from graph_passes.contract import ATTENTION_ROWS
 
-        ids = inputs.array("input_ids")
-        am = inputs.array("attention_mask")
-        n_img = max((len(s) for s in inputs.layouts), default=0)
-        qmask = np.zeros((ids.shape[0], max(n_img, 1), ids.shape[1]), np.float32)
-        for b, spans in enumerate(inputs.layouts):
-            for i, span in enumerate(spans):
-                qmask[b, i] = query_mask(ids[b], am[b], spans, span)
-        feed = {"inputs_embeds": embeds, "attention_mask": am, "position_ids": positions, QUERY_MASK: qmask,
-                **self._past(ids.shape[0])}
-        attn = self._run("diagnostic", feed, [ATTENTION_MAP])[0]
-        return [[attn[b, i, s.start:s.end].astype(np.float64) if qmask[b, i].any() else None
-                 for i, s in enumerate(spans)] for b, spans in enumerate(inputs.layouts)]
+        ids, am = inputs.array("input_ids"), inputs.array("attention_mask")
+        feed = {"inputs_embeds": embeds, "attention_mask": am, "position_ids": positions, **self._past(ids.shape[0])}
+        rows = self._run("diagnostic", feed, [ATTENTION_ROWS])[0]
+        return batch_maps(rows, ids, am, inputs.layouts)
 
     def plan(self, inputs: VLMInputs, config: SCRConfig | None = None) -> SequencePlan:
         config = config or self.config

@@ -191,6 +191,7 @@ def convert_to_onnx(model: str, out: str | Path, *, precision: str = "fp32", exp
     """
     import torch
 
+    from graph_passes.contract import ATTENTION_ROWS
     from graph_passes.extract_diagnostic import ExtractDiagnosticPass
     from graph_passes.insert_redistribution import InsertRedistributionPass
     from graph_passes.io import load_model, save_model
@@ -246,8 +247,8 @@ def convert_to_onnx(model: str, out: str | Path, *, precision: str = "fp32", exp
             **manifest_common(fam, model, config), "precision": precision, "exporter": exporter,
             "graphs": {
                 **host_graphs(fam),
-                "diagnostic": {"file": GRAPH_FILES["diagnostic"], "inputs": dec_in[:3] + ["scr_query_mask"],
-                               "outputs": ["scr_attention"]},
+                "diagnostic": {"file": GRAPH_FILES["diagnostic"], "inputs": dec_in[:3],
+                               "outputs": [ATTENTION_ROWS]},
                 "decoder": {"file": GRAPH_FILES["decoder"],
                             "inputs": dec_in + ["scr_donor", "scr_scale", "scr_weight"], "outputs": dec_out},
             },

@@ -8,6 +8,7 @@ import numpy as np
 
 from .config import SCRConfig
 from .families import VLMFamily
+from .attention_map import batch_maps
 from .layout import ImageSpan, query_mask
 from .partial_forward import run_through_layer
 
@@ -15,7 +16,7 @@ __all__ = ["attention_maps", "head_mean_attention", "query_mask"]
 
 
 def head_mean_attention(family: VLMFamily, tensors: dict[str, Any], config: SCRConfig) -> np.ndarray:
-    """Attention probabilities averaged over heads and ``diag_layers``: [B, T, T] float64 (queries × keys).
+    """Each diagnostic layer's attention probabilities averaged over heads: [B, L, T, T] float64 (queries × keys).
 
     Runs the decoder without SCR only up to the last diagnostic layer (eager attention).
     """
@@ -24,7 +25,7 @@ def head_mean_attention(family: VLMFamily, tensors: dict[str, Any], config: SCRC
     cfg = config.clamped(family.num_layers)
     layers = family.decoder_layers()
     diag = list(cfg.diag_layer_indices())
-    acc: dict[str, torch.Tensor] = {}
+    rows: list[torch.Tensor] = []
     handles = []
 
     def capture(module, args, output):
@@ -32,8 +33,7 @@ def head_mean_attention(family: VLMFamily, tensors: dict[str, Any], config: SCRC
         if weights is None:
             raise RuntimeError("the attention module returned no probabilities; load the model with "
                                "attn_implementation='eager'")
-        mean = weights.detach().double().mean(dim=1)
-        acc["sum"] = mean if "sum" not in acc else acc["sum"] + mean
+        rows.append(weights.detach().double().mean(dim=1))
 
     try:
         for i in diag:
@@ -42,23 +42,14 @@ def head_mean_attention(family: VLMFamily, tensors: dict[str, Any], config: SCRC
     finally:
         for h in handles:
             h.remove()
-    return (acc["sum"] / len(diag)).cpu().numpy()
+    return torch.stack(rows, dim=1).cpu().numpy()
 
 
 def attention_maps(family: VLMFamily, tensors: dict[str, Any], layouts: list[list[ImageSpan]],
                    config: SCRConfig) -> list[list[np.ndarray | None]]:
-    """``A[b][i]``: image i of row b's cell scores (all its grids, span order), or None if no text follows it."""
-    attn = head_mean_attention(family, tensors, config)
+    """``A[b][i]``: image i of row b's cell scores (all its grids, span order), or None if no text follows it; the
+    layers and queries reduced by ``scr_export.attention_map`` (float64), as for every runtime."""
+    rows = head_mean_attention(family, tensors, config)
     ids = tensors["input_ids"].cpu().numpy()
     am = tensors["attention_mask"].cpu().numpy()
-    maps: list[list[np.ndarray | None]] = []
-    for b, spans in enumerate(layouts):
-        row = []
-        for span in spans:
-            q = query_mask(ids[b], am[b], spans, span)
-            if not q.any():
-                row.append(None)
-                continue
-            row.append(attn[b][q][:, span.start: span.end].mean(axis=0))
-        maps.append(row)
-    return maps
+    return batch_maps(rows, ids, am, layouts)

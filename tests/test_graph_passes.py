@@ -153,8 +153,12 @@ def test_external_data_round_trip_keeps_ir_10(exported, tmp_path):
 
 @pytest.mark.parametrize("family_name, exporter", GRAPHS)
 def test_extracted_diagnostic_graph_gives_the_reference_attention_map(family_name, exporter, exported, image):
-    from graph_passes.extract_diagnostic import ATTENTION_MAP, QUERY_MASK, ExtractDiagnosticPass
-    from scr_export.diagnostic import attention_maps, query_mask
+    """The diagnostic graph hands over each diagnostic layer's head-mean rows: equal to the PyTorch model's, and
+    through the shared float64 reduction the same attention map."""
+    from graph_passes.contract import ATTENTION_ROWS
+    from graph_passes.extract_diagnostic import ExtractDiagnosticPass
+    from scr_export.attention_map import batch_maps
+    from scr_export.diagnostic import attention_maps, head_mean_attention
 
     vlm = load(TINY_PRESETS[family_name])
     cfg = vlm.scr_config()
@@ -162,17 +166,18 @@ def test_extracted_diagnostic_graph_gives_the_reference_attention_map(family_nam
     n_before = len(list(model.graph))
     ExtractDiagnosticPass(cfg.diag_layer_indices())(model)
     assert len(list(model.graph)) < n_before  # cut after the last diagnostic layer, head removed
-    assert [v.name for v in model.graph.outputs] == [ATTENTION_MAP]
+    assert [v.name for v in model.graph.outputs] == [ATTENTION_ROWS]
     a, b = make_image(seed=1), make_image(seed=2)
     inputs = encode(vlm, [[a, b]], ["Compare the pictures."])
     spans = inputs.layouts[0]
     dec = captured_decoder_inputs(vlm, inputs.tensors)
-    qmask = np.stack([query_mask(inputs.input_ids[0].numpy(), inputs.attention_mask[0].numpy(), spans, s)
-                      for s in spans]).astype(np.float32)[None]
     sess = _session(model)
     feed = {k: v for k, v in _feed(vlm, dec).items() if k in {i.name for i in sess.get_inputs()}}
-    feed[QUERY_MASK] = qmask
-    got = sess.run([ATTENTION_MAP], feed)[0][0]
+    rows = sess.run([ATTENTION_ROWS], feed)[0]
+    want_rows = head_mean_attention(vlm, inputs.to("cpu").tensors, cfg)
+    assert rows.shape == want_rows.shape == (1, len(cfg.diag_layer_indices()), *inputs.shape[1:], inputs.shape[1])
+    np.testing.assert_allclose(rows, want_rows, rtol=1e-5, atol=1e-8)
+    got = batch_maps(rows, inputs.array("input_ids"), inputs.array("attention_mask"), inputs.layouts)[0]
     want = attention_maps(vlm, inputs.to("cpu").tensors, inputs.layouts, cfg)[0]
     for i, span in enumerate(spans):
-        np.testing.assert_allclose(got[i, span.start:span.end], want[i], rtol=1e-5, atol=1e-8)
+        np.testing.assert_allclose(got[i], want[i], rtol=1e-5, atol=1e-8)

@@ -285,11 +285,21 @@ def test_attention_collector_averages_heads_and_layers_over_ggml_rows():
     probs = {layer: rng.random((n_head, n_tokens, n_kv)).astype(np.float32) for layer in (1, 2)}
     for layer, p in probs.items():  # ggml layout [n_head][n_tokens][n_kv]: rows = n_head * n_tokens
         assert cb.handlers[f"kq_soft_max-{layer}"](f"kq_soft_max-{layer}", p.reshape(n_head * n_tokens, n_kv)) is None
-    want = np.zeros((n_tokens, n_tokens))
-    for q in range(n_tokens):
-        for k in range(n_tokens):
-            want[q, k] = sum(float(probs[l][h, q, k]) for l in (1, 2) for h in range(n_head)) / (2 * n_head)
+    want = np.zeros((2, n_tokens, n_tokens))
+    for i, layer in enumerate((1, 2)):
+        for q in range(n_tokens):
+            for k in range(n_tokens):
+                want[i, q, k] = sum(float(probs[layer][h, q, k]) for h in range(n_head)) / n_head
     np.testing.assert_allclose(col.result(), want, rtol=1e-12)
+
+
+def test_a_diagnostic_layer_whose_hook_never_fires_is_an_error():
+    """A renamed tensor in a new llama.cpp must not make the map one of fewer layers."""
+    cb = _Callback()
+    col = AttentionCollector(cb, SCRConfig(layers=(0, 0), diag_layers=(1, 2)), n_tokens=3, n_head=2)
+    cb.handlers["kq_soft_max-1"]("kq_soft_max-1", np.ones((6, 4), np.float32))
+    with pytest.raises(SCRExportError, match=r"no attention probabilities for layers \[2\]"):
+        col.result()
 
 
 def test_attention_collector_refuses_a_micro_batch_of_the_prompt():

@@ -295,7 +295,7 @@ def test_build_script_shapes_fit_the_graphs_the_model_and_the_limits(family, lim
     assert {n for n in diag["max"] if n.startswith("past_key_values.")} <= {
         f"past_key_values.{i}.{kind}" for i in range(last_diag + 1) for kind in ("key", "value")}
     assert diag["max"]["inputs_embeds"] == (batch, seq, hidden)
-    assert diag["max"]["scr_query_mask"] == (batch, images, seq)
+    assert "scr_query_mask" not in diag["max"]  # the host reduces the per-layer rows (scr_export.attention_map)
     vision = got[files["vision"]]
     vc = vlm.config.vision_config
     if family == "llava":

@@ -11,7 +11,7 @@ import numpy as np
 
 from scr_export.config import SCRConfig
 from scr_export.errors import SCRExportError
-from scr_export.layout import query_mask
+from scr_export.attention_map import image_maps
 from scr_export.manifest import read_manifest
 from scr_export.plan import SequencePlan, plan_sequence
 from scr_export.processing import VLMInputs
@@ -134,14 +134,8 @@ class LlamaCppVLM:
         finally:
             cb.active = False
             cb.handlers.clear()
-        attn = collector.result()
-        ids, am = inputs.array("input_ids")[0], inputs.array("attention_mask")[0]
-        spans = inputs.layouts[0]
-        row = []
-        for span in spans:
-            q = query_mask(ids, am, spans, span)
-            row.append(attn[q][:, span.start:span.end].mean(axis=0) if q.any() else None)
-        return [row]
+        return [image_maps(collector.result(), inputs.array("input_ids")[0], inputs.array("attention_mask")[0],
+                           inputs.layouts[0])]
 
     def generate(self, inputs: VLMInputs, *, scr: bool = True, max_new_tokens: int = 32,
                  plan: SequencePlan | None = None, config: SCRConfig | None = None,

@@ -41,13 +41,14 @@ def install_redistribution(callback: EvalCallback, config: SCRConfig, donor: np.
 
 
 class AttentionCollector:
-    """Averages ``kq_soft_max-L`` over heads and ``diag_layers`` into [T, T] (queries × keys) for one prefill."""
+    """Each diagnostic layer's ``kq_soft_max-L`` averaged over heads: [L, T, T] (queries × keys) for one prefill,
+    reduced on the host by ``scr_export.attention_map`` like every runtime's."""
 
     def __init__(self, callback: EvalCallback, config: SCRConfig, n_tokens: int, n_head: int):
         self.n_tokens, self.n_head = n_tokens, n_head
-        self.sum: np.ndarray | None = None
-        self.count = 0
-        for layer in config.diag_layer_indices():
+        self.layers = list(config.diag_layer_indices())
+        self.rows: dict[int, np.ndarray] = {}
+        for layer in self.layers:
             callback.handlers[f"kq_soft_max-{layer}"] = self._handler
 
     def _handler(self, name: str, rows: np.ndarray):
@@ -55,14 +56,18 @@ class AttentionCollector:
         if rows.shape[0] != self.n_head * self.n_tokens:
             raise MicroBatchError(f"{name} holds {rows.shape[0]} rows, expected {self.n_head} heads x "
                                   f"{self.n_tokens} tokens", "decode the whole prompt in one micro-batch")
-        p = rows.reshape(self.n_head, self.n_tokens, -1)[:, :, : self.n_tokens].astype(np.float64)
-        mean = p.mean(axis=0)
-        self.sum = mean if self.sum is None else self.sum + mean
-        self.count += 1
+        p = rows.reshape(self.n_head, self.n_tokens, -1)[:, :, : self.n_tokens]
+        self.rows[int(name.rsplit("-", 1)[1])] = p.mean(axis=0, dtype=np.float64)
         return None
 
     def result(self) -> np.ndarray:
-        if self.sum is None:
+        """[L, T, T] in the order of ``diag_layers``."""
+        if not self.rows:
             raise SCRExportError("the diagnostic pass saw no attention probabilities",
                                  "run with flash attention off (kq_soft_max exists only then)")
-        return self.sum / self.count
+        missing = [i for i in self.layers if i not in self.rows]
+        if missing:
+            raise SCRExportError(f"the diagnostic pass saw no attention probabilities for layers {missing} "
+                                 f"(kq_soft_max-L never fired there)", "this llama.cpp names its tensors "
+                                 "differently: report it with the llama-cpp-python version")
+        return np.stack([self.rows[i] for i in self.layers])
