@@ -333,6 +333,13 @@ class OrtVLM:
         self.manifest = read_manifest(self.dir)
         self.host = HostModel(self.dir, self.manifest)
         self.family = self.host.family
+        from graph_passes.contract import ATTENTION_ROWS
+
+        diagnostic = self.manifest.get("graphs", {}).get("diagnostic")
+        if diagnostic and diagnostic.get("outputs") != [ATTENTION_ROWS]:
+            raise SCRExportError(f"{self.dir} was converted by an earlier scr-export: its diagnostic graph reduces "
+                                 "the attention map itself, where the runtimes now hand the host per-layer rows",
+                                 "convert the model again with this version")
         self.config = SCRConfig.from_dict(self.manifest["scr"])
         d = self.manifest["decoder"]
         self.num_layers, self.kv_heads, self.head_dim = d["num_layers"], d["kv_heads"], d["head_dim"]

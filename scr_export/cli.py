@@ -421,9 +421,16 @@ class Validate(Command):
         p.add_argument("dir", metavar="DIR", help="a directory written by `scr-export convert --to onnx`")
         p.add_argument("--image", action="append", metavar="IMG", help="image(s) to validate on (default: synthetic)")
         p.add_argument("--prompt", default="What is in this picture? Describe the main object.", metavar="TEXT")
+        p.add_argument("--data", metavar="PATH", help="validate over a dataset: a folder of images (+ prompts.txt), a "
+                       'JSONL of {"image", "prompt"}, or POPE-format JSONL {"image", "question" or "text", "label": '
+                       '"yes"|"no"}; the gates apply to the aggregate (5th / 95th percentile)')
+        p.add_argument("--limit", type=int, metavar="N", help="with --data: the first N samples")
+        p.add_argument("--image-root", metavar="DIR", help="with --data: image paths are relative to DIR (e.g. COCO's "
+                       "val2014 for POPE's files) instead of the JSONL's folder")
         p.add_argument("--steps", type=int, default=16, help="teacher-forced decode steps (default 16)")
-        p.add_argument("--json", metavar="FILE", help="also write the report as JSON to FILE (nothing is ever "
-                       "written into DIR: it may be read-only on a device)")
+        p.add_argument("--json", metavar="FILE", help="also write the report as JSON to FILE (with --data, the "
+                       "per-sample records also go to FILE's stem + .samples.jsonl); nothing is ever written into "
+                       "DIR: it may be read-only on a device")
         p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
         p.add_argument("--runtime", choices=["auto", "onnx", "tensorrt", "llamacpp"], default="auto",
                        help="auto: as the directory was converted (TensorRT engines for --to trt)")
@@ -437,6 +444,11 @@ class Validate(Command):
         read_manifest(args.dir)  # clear errors before loading anything heavy
         if args.steps < 1:
             raise SCRExportError(f"--steps {args.steps} is not positive", "use at least 1 (8 or more recommended)")
+        if args.data:
+            return self._dataset(args)
+        for flag in ("limit", "image_root"):
+            if getattr(args, flag) is not None:
+                raise SCRExportError(f"--{flag.replace('_', '-')} applies to --data only", "add --data PATH, or drop it")
         images = [[load_image(p) for p in args.image]] if args.image else None
         prompts = [args.prompt] if images else None
         _log("running the deployed model and the PyTorch reference ...")
@@ -447,6 +459,21 @@ class Validate(Command):
             write_report(report, args.json)
             _log(f"report written to {args.json}")
         return 0 if _passed(report) else 1
+
+    def _dataset(self, args):
+        from .dataset_parity import validate_dataset, write_dataset_report
+
+        if args.image:
+            raise SCRExportError("--image and --data were both given", "validate on one image (--image) or over a "
+                                 "dataset (--data), not both")
+        _log(f"validating {args.dir} over {args.data} against the PyTorch reference ...")
+        report = validate_dataset(args.dir, args.data, limit=args.limit, steps=args.steps, device=args.device,
+                                  runtime=args.runtime, attention=args.attention, image_root=args.image_root)
+        print(report.table())
+        if args.json:
+            lines = write_dataset_report(report, args.json)
+            _log(f"report written to {args.json}, per-sample records to {lines}")
+        return 0 if report else 1
 
 
 class BuildOps(Command):

@@ -104,6 +104,7 @@ class ParityReport:
     # flips that near-tied attention credits cause (reported, not gated; equals scr_effect_cosine when plans agree)
     scr_effect_cosine_same_plan: float | None = None
     flips: dict | None = None  # scr_export.plan_flips.FlipJudgement.to_dict(): near ties, real flips, map error
+    texts: dict | None = None  # greedy answers per row: reference / candidate, with SCR and without ("_off")
     failures: list[str] = dataclasses.field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -193,9 +194,11 @@ def default_inputs():
     return [[sample_image()]], ["What is in this picture? Describe the main object."]
 
 
-def _compare_runs(runner: Any, reference: Any, inputs: Any, cfg: Any, steps: int, precision: str) -> ParityReport:
+def _compare_runs(runner: Any, reference: Any, inputs: Any, cfg: Any, steps: int, precision: str,
+                  answer_tokens: int = 1) -> ParityReport:
     """One candidate runtime against a reference (a ``TorchReference`` or another runner), teacher-forced on the
-    reference's own greedy tokens."""
+    reference's own greedy tokens. ``answer_tokens``: how many tokens the runs without SCR generate freely (their
+    answers, for POPE; the runs with SCR generate ``steps``)."""
     if not hasattr(reference, "generate"):
         from .reference import TorchReference
 
@@ -204,9 +207,10 @@ def _compare_runs(runner: Any, reference: Any, inputs: Any, cfg: Any, steps: int
     forced = ref_on.tokens.tolist()
     cand_on = runner.generate(inputs, config=cfg, forced_tokens=forced, keep_prefill_logits=True)
     cand_free = runner.generate(inputs, config=cfg, max_new_tokens=steps, stop_at_eos=False)
-    ref_off = reference.generate(inputs, config=cfg, scr=False, max_new_tokens=1, stop_at_eos=False,
+    off_tokens = max(1, answer_tokens)
+    ref_off = reference.generate(inputs, config=cfg, scr=False, max_new_tokens=off_tokens, stop_at_eos=False,
                                  keep_prefill_logits=True)
-    cand_off = runner.generate(inputs, config=cfg, scr=False, max_new_tokens=1, stop_at_eos=False,
+    cand_off = runner.generate(inputs, config=cfg, scr=False, max_new_tokens=off_tokens, stop_at_eos=False,
                                keep_prefill_logits=True)
     comparisons = [Comparison.of("prefill logits (SCR)", cand_on.prefill_logits, ref_on.prefill_logits),
                    Comparison.of(f"decode logits x{steps}", np.stack(cand_on.logits), np.stack(ref_on.logits)),
@@ -229,7 +233,42 @@ def _compare_runs(runner: Any, reference: Any, inputs: Any, cfg: Any, steps: int
                         plan_identical=bool(identical), plan_jaccard=float(min(jac) if jac else 1.0),
                         scr_effect_cosine=effect, greedy_identical=bool(np.array_equal(cand_free.tokens, ref_on.tokens)),
                         ref_tokens=ref_on.tokens.tolist(), cand_tokens=cand_free.tokens.tolist(),
-                        scr_effect_cosine_same_plan=same_plan, flips=judged.to_dict() if judged else None)
+                        scr_effect_cosine_same_plan=same_plan, flips=judged.to_dict() if judged else None,
+                        texts={"reference": ref_on.texts, "reference_off": ref_off.texts, "candidate": cand_free.texts,
+                               "candidate_off": cand_off.texts})
+
+
+def open_for_validation(directory: str | Path, *, family: Any = None, device: str = "auto", runtime: str = "auto",
+                        attention: str = "auto"):
+    """(runner, reference family) for ``directory``: the runtime through the registry, the manifest's checkpoint
+    (its hash checked) as the PyTorch reference."""
+    from runtimes.registry import open_runtime
+
+    from .loading import load_vlm
+    from .manifest import checkpoint_hash, read_manifest
+
+    manifest = read_manifest(directory)
+    runner = open_runtime(directory, runtime, device=device, attention=attention)
+    if family is None:
+        family = load_vlm(manifest["source"]["model"])
+        if checkpoint_hash(family.path) != manifest["source"]["sha256"]:
+            raise SCRExportError(f"the checkpoint {manifest['source']['model']} changed since the conversion "
+                                 "(its hash differs from the manifest's)", "convert again from the current checkpoint")
+    return runner, family
+
+
+def compare_inputs(runner: Any, family: Any, inputs: Any, steps: int, answer_tokens: int = 1):
+    """The runner against the float32 reference (its ``float_gate``) and, where it has one, against its engine
+    reference (``engine_reference``): one report, or ``{engine name: ..., "float": ...}``."""
+    from .reference import TorchReference
+
+    cfg = runner.config
+    engine = runner.engine_reference(family, inputs)
+    flt = _compare_runs(runner, TorchReference(family), inputs, cfg, steps, runner.float_gate(), answer_tokens)
+    if engine is None:
+        return flt
+    name, reference, gate = engine
+    return {name: _compare_runs(runner, reference, inputs, cfg, steps, gate, answer_tokens), "float": flt}
 
 
 def validate_directory(directory: str | Path, *, family: Any = None, images=None, prompts=None, steps: int = 16,
@@ -241,29 +280,11 @@ def validate_directory(directory: str | Path, *, family: Any = None, images=None
     GGUF's dequantized weights, a quantized ONNX graph run unfused) is also judged against it, kernel error apart
     from quantization error; then the result is ``{engine name: ..., "float": ...}``, else one report.
     """
-    from runtimes.registry import open_runtime
-
-    from .loading import load_vlm
-    from .manifest import checkpoint_hash, read_manifest
-    from .reference import TorchReference
-
-    manifest = read_manifest(directory)
-    runner = open_runtime(directory, runtime, device=device, attention=attention)
-    if family is None:
-        family = load_vlm(manifest["source"]["model"])
-        if checkpoint_hash(family.path) != manifest["source"]["sha256"]:
-            raise SCRExportError(f"the checkpoint {manifest['source']['model']} changed since the conversion "
-                                 "(its hash differs from the manifest's)", "convert again from the current checkpoint")
+    runner, family = open_for_validation(directory, family=family, device=device, runtime=runtime,
+                                         attention=attention)
     if images is None:
         images, prompts = default_inputs()
-    inputs = runner.encode(images, prompts)
-    cfg = runner.config
-    engine = runner.engine_reference(family, inputs)
-    flt = _compare_runs(runner, TorchReference(family), inputs, cfg, steps, runner.float_gate())
-    if engine is None:
-        return flt
-    name, reference, gate = engine
-    return {name: _compare_runs(runner, reference, inputs, cfg, steps, gate), "float": flt}
+    return compare_inputs(runner, family, runner.encode(images, prompts), steps)
 
 
 def report_to_dict(report) -> dict:

@@ -74,5 +74,7 @@ class PopeMetrics:
         return (self.tp + self.fp) / self.n if self.n else float("nan")
 
     def to_dict(self) -> dict:
-        return {**dataclasses.asdict(self), "accuracy": self.accuracy, "precision": self.precision,
-                "recall": self.recall, "f1": self.f1, "yes_ratio": self.yes_ratio}
+        """Counts and rates; a rate with no denominator (no yes predicted: precision) is None, not NaN."""
+        rates = {"accuracy": self.accuracy, "precision": self.precision, "recall": self.recall, "f1": self.f1,
+                 "yes_ratio": self.yes_ratio}
+        return {**dataclasses.asdict(self), **{k: (None if v != v else v) for k, v in rates.items()}}

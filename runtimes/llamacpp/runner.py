@@ -66,8 +66,12 @@ class LlamaCppVLM:
         from .quirks import apply_quirks
 
         g = self.manifest["gguf"]
-        deq = dequantized_model(family, self.dir / g["file"], g["qk_permuted"])
-        apply_quirks(deq, g["architecture"])
+        cached = self.__dict__.get("_dequantized")
+        if cached is None or cached[0] is not family:  # built once per reference family (dataset validation)
+            deq = dequantized_model(family, self.dir / g["file"], g["qk_permuted"])
+            apply_quirks(deq, g["architecture"])
+            self._dequantized = cached = (family, deq)
+        deq = cached[1]
         same_images = None
         if self.mtmd is not None:
             features = self.image_features(inputs)

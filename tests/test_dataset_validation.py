@@ -1,0 +1,144 @@
+"""validate --data: every sample against the reference, aggregates that equal what the per-sample numbers give,
+gates on the aggregate, POPE's metrics (against hand-counted confusion matrices) and bad data refused (exit 2)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnxruntime", reason="the export extra is not installed: pip install -e '.[export]'")
+
+from conftest import make_image  # noqa: E402
+from scr_export.dataset_parity import METRICS, PERCENTILE  # noqa: E402
+from scr_export.parity import GATES  # noqa: E402
+from scr_export.pope import PopeMetrics, read_answer  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+POPE = ROOT / "examples" / "pope" / "pope.jsonl"
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "scr_export.cli", *args], capture_output=True, text=True,
+                          timeout=900, cwd=cwd, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+# -- POPE ------------------------------------------------------------------------------------------------------------
+
+def test_answers_are_read_from_their_first_words():
+    assert [read_answer(t) for t in ("Yes, there is a car.", " no.", "No", "There is not a dog.", "yes",
+                                     "The car is red.", "", "Nope", "It is not there")] == \
+        ["yes", "no", "no", "no", "yes", "other", "other", "no", "no"]
+
+
+def test_pope_metrics_against_hand_counted_confusion_matrices():
+    # labels:  yes yes yes yes no  no  no  no  no  yes
+    # answers: yes yes no  oth yes no  no  oth no  yes  -> TP 3, FN 2 (a no, an other), FP 1, TN 3, other 2
+    labels = ["yes", "yes", "yes", "yes", "no", "no", "no", "no", "no", "yes"]
+    answers = ["yes", "yes", "no", "other", "yes", "no", "no", "other", "no", "yes"]
+    m = PopeMetrics.of(answers, labels)
+    assert (m.tp, m.fn, m.fp, m.tn, m.other, m.n) == (3, 2, 1, 3, 2, 10)
+    assert m.accuracy == pytest.approx(6 / 10)
+    assert m.precision == pytest.approx(3 / 4)
+    assert m.recall == pytest.approx(3 / 5)
+    assert m.f1 == pytest.approx(2 * 0.75 * 0.6 / (0.75 + 0.6))
+    assert m.yes_ratio == pytest.approx(4 / 10)
+    none = PopeMetrics.of(["no", "other"], ["yes", "no"])  # nothing predicted yes: precision and F1 undefined
+    assert none.to_dict()["precision"] is None and none.to_dict()["f1"] is None and none.recall == 0.0
+
+
+# -- the dataset report ------------------------------------------------------------------------------------------------
+
+def _six_sample_jsonl(tmp_path: Path) -> Path:
+    lines = []
+    for i in range(6):
+        make_image(150 + 20 * i, 120 + 10 * (i % 3), seed=40 + i).save(tmp_path / f"img{i}.png")
+        lines.append(json.dumps({"image": f"img{i}.png", "prompt": ["Describe it.", "What is red?"][i % 2]}))
+    path = tmp_path / "six.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _check_report(report: dict, n: int, labelled: bool):
+    assert len(report["samples"]) == n and [s["index"] for s in report["samples"]] == list(range(n))
+    for name, comp in report["comparisons"].items():
+        reports = [s["reports"][name] for s in report["samples"]]
+        for key, _, higher, _ in METRICS:
+            agg = comp["aggregates"][key]
+            values = np.asarray([_metric(key, r) for r in reports])
+            assert agg["mean"] == pytest.approx(values.mean(), rel=1e-12, abs=1e-15)
+            assert agg["tail"] == pytest.approx(np.percentile(values, PERCENTILE if higher else 100 - PERCENTILE),
+                                                rel=1e-12, abs=1e-15)
+            assert agg["worst"] == pytest.approx(values.min() if higher else values.max(), rel=1e-12, abs=1e-15)
+            assert values[agg["worst_sample"]] == agg["worst"]
+        assert comp["near_ties"] == sum(r["flips"]["near_ties"] for r in reports)
+        assert comp["real_flips"] == sum(r["flips"]["real_flips"] for r in reports)
+        assert comp["gates"] == GATES[comp["precision"]]
+    assert (report["pope"] is not None) == labelled
+    if labelled:
+        labels = [s["label"] for s in report["samples"]]
+        for who, key in (("reference", "reference_scr"), ("deployed", "deployed_off")):
+            scr = "scr" if key.endswith("scr") else "off"
+            want = PopeMetrics.of([s["answers"][who][scr] for s in report["samples"]], labels).to_dict()
+            assert report["pope"][key] == want
+
+
+def _metric(key: str, r: dict) -> float:
+    """The per-sample value of ``key``, recomputed from the sample's own JSON (not the code's functions)."""
+    comps = r["comparisons"]
+    gen = [c for c in comps if c["name"].startswith("decode logits")]
+    return {"cosine": min(c["cosine"] for c in comps), "max_rel": max(c["max_rel"] for c in comps),
+            "norm_ratio": max(abs(c["norm_ratio"] - 1) for c in comps), "kl": max(c["kl"] for c in gen),
+            "top1": min(c["top1"] for c in gen), "plan_jaccard": r["plan_jaccard"],
+            "plan_identical": float(r["plan_identical"]), "scr_effect_cosine": r["scr_effect_cosine"],
+            "scr_effect_cosine_same_plan": r["scr_effect_cosine_same_plan"],
+            "greedy_identical": float(r["greedy_identical"]), "map_error_rel": r["flips"]["map_error_rel"]}[key]
+
+
+@pytest.mark.parametrize("kind", ["onnx", "gguf"])
+def test_validate_over_a_jsonl_and_the_shipped_pope_file(kind, converted, gguf_dir, tmp_path):
+    if kind == "gguf":
+        pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed: pip install -e '.[llamacpp]'")
+        directory = gguf_dir("llava", "q8_0")[0]
+    else:
+        directory = converted("llava")[0]
+    for data, n, labelled in ((_six_sample_jsonl(tmp_path), 6, False), (POPE, 8, True)):
+        out = tmp_path / f"{kind}-{n}.json"
+        res = run_cli("validate", str(directory), "--data", str(data), "--steps", "4", "--json", str(out))
+        assert res.returncode in (0, 1), res.stderr[-3000:]
+        report = json.loads(out.read_text())
+        _check_report(report, n, labelled)
+        assert report["passed"] == (res.returncode == 0)
+        lines = out.with_name(out.stem + ".samples.jsonl").read_text().splitlines()
+        assert [json.loads(line)["where"] for line in lines] == [s["where"] for s in report["samples"]]
+        assert "gates on the aggregate" in res.stdout
+        if labelled:
+            assert "POPE" in res.stdout and "yes-ratio" in res.stdout
+        if kind == "gguf":  # both comparisons, each aggregated
+            assert set(report["comparisons"]) == {"dequantized", "float"}
+        else:
+            assert set(report["comparisons"]) == {"float"} and report["passed"]  # fp32: every gate holds
+
+
+@pytest.mark.parametrize("content, limit, needle", [
+    ('{"image": "nowhere.png", "prompt": "hi"}\n', None, "does not exist"),
+    ('{"image": "ok.png", "question": "Is there a car?", "label": "maybe"}\n', None, "is not yes or no"),
+    ("", None, "holds no records"),
+    ('{"image": "ok.png", "prompt": "hi"}\n', "0", "--limit 0 is not positive"),
+])
+def test_bad_data_is_refused_with_exit_2_and_one_line(content, limit, needle, converted, tmp_path):
+    directory = converted("llava")[0]
+    make_image().save(tmp_path / "ok.png")
+    data = tmp_path / "data.jsonl"
+    data.write_text(content)
+    args = ["validate", str(directory), "--data", str(data)] + (["--limit", limit] if limit else [])
+    res = run_cli(*args, "--json", str(tmp_path / "r.json"))
+    assert res.returncode == 2, res.stderr[-2000:]
+    problem = [line for line in res.stderr.splitlines() if "error:" in line]
+    assert len(problem) == 1 and needle in problem[0] and "Traceback" not in res.stderr
+    assert not (tmp_path / "r.json").exists()
