@@ -499,6 +499,35 @@ class OrtVLM:
         plan.attention = maps
         return plan
 
+    def layer_states(self, inputs: VLMInputs, *, scr: bool = True, plan: SequencePlan | None = None,
+                     config: SCRConfig | None = None) -> np.ndarray:
+        """The hidden state after every decoder layer at the prefill, [layers, T, D] float32 (batch row 0), with
+        the SCR edit where a layer has one (``plan``, or the runner's own; identity with ``scr=False``). Runs a
+        private copy of the eager decoder with those outputs added (``graph_passes.expose_layers``); needs onnx."""
+        from graph_passes.expose_layers import LAYER_OUTPUT, expose_layer_outputs
+
+        if "decoder_layers" not in self.sessions:
+            import onnxruntime as ort
+
+            path = self._rewritten(self.dir / self.manifest["graphs"]["decoder"]["file"],
+                                   lambda m: expose_layer_outputs(m, self.num_layers))
+            self.sessions["decoder_layers"] = ort.InferenceSession(str(path), self._options("decoder")[0],
+                                                                   providers=self.providers)
+            self._input_types["decoder_layers"] = self._input_types.get("decoder") or {
+                i.name: (np.float16 if i.type == "tensor(float16)" else np.float32)
+                for i in self.sessions["decoder_layers"].get_inputs() if "float" in i.type}
+        batch, length = inputs.shape
+        if not scr:
+            plan = SequencePlan.identity(batch, length)
+        elif plan is None:
+            plan = self.plan(inputs, config)
+        positions, _ = self.positions(inputs)
+        feed = {"inputs_embeds": self.embed(inputs), "attention_mask": inputs.array("attention_mask"),
+                "position_ids": positions, "scr_donor": plan.donor, "scr_scale": plan.scale,
+                "scr_weight": plan.weight, **self._past(batch)}
+        names = [LAYER_OUTPUT.format(i) for i in range(self.num_layers)]
+        return np.stack([o[0] for o in self._run("decoder_layers", feed, names)]).astype(np.float32)
+
     # -- the pipeline -------------------------------------------------------------------------------------------
     def generate(self, inputs: VLMInputs, *, scr: bool = True, max_new_tokens: int = 32,
                  plan: SequencePlan | None = None, config: SCRConfig | None = None,

@@ -427,6 +427,10 @@ class Validate(Command):
         p.add_argument("--limit", type=int, metavar="N", help="with --data: the first N samples")
         p.add_argument("--image-root", metavar="DIR", help="with --data: image paths are relative to DIR (e.g. COCO's "
                        "val2014 for POPE's files) instead of the JSONL's folder")
+        p.add_argument("--per-layer", action="store_true", help="also compare the hidden state after every "
+                       "decoder layer, with and without SCR (the first sample): where quantization breaks")
+        p.add_argument("--plot", metavar="FILE.png", help="draw the per-sample numbers (--data) and the per-layer "
+                       "error (--per-layer) with the gates")
         p.add_argument("--steps", type=int, default=16, help="teacher-forced decode steps (default 16)")
         p.add_argument("--json", metavar="FILE", help="also write the report as JSON to FILE (with --data, the "
                        "per-sample records also go to FILE's stem + .samples.jsonl); nothing is ever written into "
@@ -444,6 +448,15 @@ class Validate(Command):
         read_manifest(args.dir)  # clear errors before loading anything heavy
         if args.steps < 1:
             raise SCRExportError(f"--steps {args.steps} is not positive", "use at least 1 (8 or more recommended)")
+        if args.plot:
+            plot = Path(args.plot)
+            if plot.suffix.lower() != ".png":
+                raise SCRExportError(f"--plot {plot} is not a .png file", "name the picture FILE.png")
+            if not plot.parent.exists():
+                raise SCRExportError(f"the directory {plot.parent} does not exist", "create it or choose another --plot")
+            if not (args.data or args.per_layer):
+                raise SCRExportError("--plot has nothing to draw for one image without --per-layer",
+                                     "add --data PATH (per-sample numbers) or --per-layer")
         if args.data:
             return self._dataset(args)
         for flag in ("limit", "image_root"):
@@ -455,10 +468,35 @@ class Validate(Command):
         report = validate_directory(args.dir, images=images, prompts=prompts, steps=args.steps, device=args.device,
                                     runtime=args.runtime, attention=args.attention)
         print(_tables(report))
+        layers = self._per_layer(args, images, prompts) if args.per_layer else None
+        if args.plot:
+            self._plot(args.plot, None, layers)
         if args.json:
-            write_report(report, args.json)
+            write_report(report, args.json, extra={"per_layer": layers} if layers else None)
             _log(f"report written to {args.json}")
         return 0 if _passed(report) else 1
+
+    @staticmethod
+    def _per_layer(args, images, prompts, runner=None, family=None):
+        from .parity import default_inputs, layer_parity, layer_table, open_for_validation
+
+        _log("per-layer hidden states (first sample) ...")
+        if runner is None:
+            runner, family = open_for_validation(args.dir, device=args.device, runtime=args.runtime,
+                                                 attention=args.attention)
+        if images is None:
+            images, prompts = default_inputs()
+        layers = layer_parity(runner, family, runner.encode(images[:1], prompts[:1]))
+        print(layer_table(layers))
+        return layers
+
+    @staticmethod
+    def _plot(path, report, layers):
+        from .parity import GATES
+        from .plots import save_png, validation_figure
+
+        save_png(validation_figure(report, layers, GATES), path)
+        _log(f"picture written to {path}")
 
     def _dataset(self, args):
         from .dataset_parity import validate_dataset, write_dataset_report
@@ -468,8 +506,15 @@ class Validate(Command):
                                  "dataset (--data), not both")
         _log(f"validating {args.dir} over {args.data} against the PyTorch reference ...")
         report = validate_dataset(args.dir, args.data, limit=args.limit, steps=args.steps, device=args.device,
-                                  runtime=args.runtime, attention=args.attention, image_root=args.image_root)
+                                  runtime=args.runtime, attention=args.attention, image_root=args.image_root,
+                                  per_layer=args.per_layer)
         print(report.table())
+        if report.per_layer:
+            from .parity import layer_table
+
+            print(layer_table(report.per_layer))
+        if args.plot:
+            self._plot(args.plot, report, report.per_layer)
         if args.json:
             lines = write_dataset_report(report, args.json)
             _log(f"report written to {args.json}, per-sample records to {lines}")
@@ -554,6 +599,7 @@ def build_parser() -> argparse.ArgumentParser:
 # a missing package -> the extra that installs it (ModuleNotFoundError's name); onnxruntime is a core dependency
 # (runtimes.onnxruntime_runner.pick_providers names the fix when it is missing)
 MISSING_EXTRA = {"torch": "export", "transformers": "export", "safetensors": "export", "tqdm": "export",
+                 "matplotlib": "export",
                  "onnx": "export", "onnx_ir": "export", "onnxscript": "export",
                  "llama_cpp": "llamacpp", "gguf": "llamacpp", "tensorrt": "tensorrt", "cuda": "tensorrt",
                  "onnxruntime_genai": "bench"}

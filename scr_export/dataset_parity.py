@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from .errors import InputError
-from .parity import GATES, ParityReport, compare_inputs, open_for_validation
+from .parity import GATES, ParityReport, compare_inputs, layer_parity, open_for_validation
 from .pope import PopeMetrics, read_answer
 
 PERCENTILE = 5  # the tail the aggregate gates judge: the 5th percentile (95th for errors)
@@ -132,6 +132,7 @@ class DatasetReport:
     samples: list[dict[str, Any]]
     comparisons: dict[str, ComparisonSummary]
     pope: dict[str, Any] | None
+    per_layer: dict[str, list[dict[str, Any]]] | None = None  # parity.layer_parity on the first sample
 
     def __bool__(self) -> bool:
         return all(bool(c) for c in self.comparisons.values())
@@ -139,7 +140,8 @@ class DatasetReport:
     def to_dict(self) -> dict[str, Any]:
         return {"directory": self.directory, "provider": self.provider, "passed": bool(self),
                 "percentile": PERCENTILE, "samples": self.samples,
-                "comparisons": {k: c.to_dict() for k, c in self.comparisons.items()}, "pope": self.pope}
+                "comparisons": {k: c.to_dict() for k, c in self.comparisons.items()}, "pope": self.pope,
+                "per_layer": self.per_layer}
 
     def table(self) -> str:
         out = []
@@ -198,7 +200,8 @@ def _answers(report: ParityReport) -> dict[str, dict[str, str]]:
 
 def validate_dataset(directory: str | Path, data: str | Path, *, limit: int | None = None, steps: int = 16,
                      family: Any = None, device: str = "auto", runtime: str = "auto", attention: str = "auto",
-                     image_root: str | Path | None = None, progress: bool = True) -> DatasetReport:
+                     image_root: str | Path | None = None, progress: bool = True,
+                     per_layer: bool = False) -> DatasetReport:
     """Every record of ``data`` (``scr_export.datasets``: a folder, JSONL, or POPE-format JSONL) against the
     reference; the data is checked completely before the model is loaded."""
     from .datasets import list_records, open_image
@@ -215,8 +218,11 @@ def validate_dataset(directory: str | Path, data: str | Path, *, limit: int | No
 
     per: dict[str, list[ParityReport]] = {}
     samples: list[dict[str, Any]] = []
+    layers = None
     for i, rec in enumerate(tqdm(records, desc="validating", unit="sample", disable=not progress)):
         inputs = runner.encode([[open_image(rec.image, rec.where)]], [rec.prompt])
+        if per_layer and i == 0:
+            layers = layer_parity(runner, family, inputs)
         result = compare_inputs(runner, family, inputs, steps, answer_tokens=steps if labelled else 1)
         reports = result if isinstance(result, dict) else {"float": result}
         sample: dict[str, Any] = {"index": i, "where": rec.where, "image": str(rec.image), "prompt": rec.prompt,
@@ -229,7 +235,7 @@ def validate_dataset(directory: str | Path, data: str | Path, *, limit: int | No
     where = [s["where"] for s in samples]
     comparisons = {k: summarise(k, rs, where) for k, rs in per.items()}
     return DatasetReport(str(directory), runner.provider, samples, comparisons,
-                         pope_report(samples) if labelled else None)
+                         pope_report(samples) if labelled else None, layers)
 
 
 def write_dataset_report(report: DatasetReport, path: str | Path) -> Path:

@@ -10,18 +10,6 @@ import numpy as np
 from .layout import ImageSpan
 from .plan import SequencePlan
 
-# A perceptual dark-to-bright ramp (approximates matplotlib's "inferno"), anchors at 0, .25, .5, .75, 1.
-_RAMP = np.array([[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]], dtype=np.float64)
-SOURCE_COLOUR = (0, 230, 255)
-NEIGHBOUR_COLOUR = (255, 255, 255)
-
-
-def colormap(values: np.ndarray) -> np.ndarray:
-    """Map values in [0, 1] to RGB uint8."""
-    v = np.clip(np.asarray(values, dtype=np.float64), 0, 1) * (len(_RAMP) - 1)
-    lo = np.floor(v).astype(int).clip(0, len(_RAMP) - 2)
-    frac = (v - lo)[..., None]
-    return (_RAMP[lo] * (1 - frac) + _RAMP[lo + 1] * frac).round().astype(np.uint8)
 
 
 @dataclasses.dataclass
@@ -36,88 +24,83 @@ class ExplainData:
     details: str
 
 
-def _font(size: int):
-    from PIL import ImageFont
+def _panel(ax, image, rows: int, cols: int, scores: np.ndarray, start: int, sources: dict[int, int],
+           neighbours: set[int], overlay: bool, label: str) -> Any:
+    from matplotlib.patches import Rectangle
 
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1
-        return ImageFont.load_default()
+    from .plots import CMAP, NEIGHBOUR_COLOUR, SOURCE_COLOUR
 
-
-def _panel(image, rows: int, cols: int, scores: np.ndarray, start: int, sources: dict[int, int],
-           neighbours: set[int], size: int, overlay: bool):
-    from PIL import Image, ImageDraw
-
-    cell_w, cell_h = size / cols, size / rows
     norm = scores - scores.min()
     norm = norm / norm.max() if norm.max() > 0 else norm
-    heat = Image.fromarray(colormap(norm.reshape(rows, cols))).resize((size, size), Image.NEAREST)
-    if overlay:
-        base = image.convert("RGB").resize((size, size), Image.BICUBIC)
-        panel = Image.blend(base, heat, 0.45)
-    else:
-        panel = heat
-    draw = ImageDraw.Draw(panel)
-    font = _font(max(8, int(min(cell_w, cell_h) * 0.5)))
-    for cell in range(rows * cols):
-        pos = start + cell
-        r, c = divmod(cell, cols)
-        box = (c * cell_w, r * cell_h, (c + 1) * cell_w - 1, (r + 1) * cell_h - 1)
-        if pos in neighbours:
-            draw.rectangle(box, outline=NEIGHBOUR_COLOUR, width=1)
+    if overlay:  # the image under the map, cell (r, c) spanning [c, c+1] x [r, r+1]
+        ax.imshow(np.asarray(image.convert("RGB")), extent=(0, cols, rows, 0), interpolation="bicubic")
+    heat = ax.imshow(norm.reshape(rows, cols), cmap=CMAP, vmin=0, vmax=1, extent=(0, cols, rows, 0),
+                     interpolation="nearest", alpha=0.45 if overlay else 1.0)
+    for pos in neighbours:
+        cell = pos - start
+        if 0 <= cell < rows * cols:
+            r, c = divmod(cell, cols)
+            ax.add_patch(Rectangle((c, r), 1, 1, fill=False, edgecolor=NEIGHBOUR_COLOUR, lw=0.7))
+    big = 576 / max(rows, cols) >= 14  # room for the rank inside a cell
     for pos, rank in sources.items():
         cell = pos - start
         if not 0 <= cell < rows * cols:
             continue
         r, c = divmod(cell, cols)
-        box = (c * cell_w, r * cell_h, (c + 1) * cell_w - 1, (r + 1) * cell_h - 1)
-        draw.rectangle(box, outline=SOURCE_COLOUR, width=max(2, int(min(cell_w, cell_h) / 8)))
-        if min(cell_w, cell_h) >= 14:
-            draw.text((box[0] + 3, box[1] + 2), str(rank + 1), fill=(255, 255, 255), font=font, stroke_width=1,
-                      stroke_fill=(0, 0, 0))
-    return panel
+        ax.add_patch(Rectangle((c + 0.06, r + 0.06), 0.88, 0.88, fill=False, edgecolor=SOURCE_COLOUR, lw=2.4,
+                               antialiased=False))
+        if big:
+            ax.text(c + 0.12, r + 0.12, str(rank + 1), color="white", fontsize=7, va="top", ha="left",
+                    fontweight="bold")
+    ax.set_xlim(0, cols)
+    ax.set_ylim(rows, 0)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(label, fontsize=9)
+    return heat
 
 
 def render(data: ExplainData, panel_size: int = 576):
-    """One PNG-ready picture: a panel per grid (the last grid over the image), legend and caption below."""
-    from PIL import Image, ImageDraw
+    """One picture (a PIL image): a panel per grid (the last grid over the image), legend, colour bar and caption;
+    drawn with matplotlib in the house style (``scr_export.plots``)."""
+    from matplotlib.lines import Line2D
+
+    from .plots import NEIGHBOUR_COLOUR, SOURCE_COLOUR, figure, styled, to_image
 
     sources = {int(p): i for i, p in enumerate(data.sources)}
     neighbours = {int(p) for p in data.neighbours}
-    panels, offset = [], 0
     grids = data.span.grids
-    for gi, g in enumerate(grids):
-        scores = data.attention[offset: offset + g.size]
-        overlay = gi == len(grids) - 1  # single grid, or InternVL's thumbnail (the whole image)
-        size = panel_size if overlay else panel_size // 2
-        panels.append((_panel(data.image, g.rows, g.cols, scores, g.start, sources, neighbours, size, overlay),
-                       "image" if len(grids) == 1 else ("thumbnail" if overlay else f"tile {gi + 1}")))
-        offset += g.size
-    pad = 12
-    width = max(pad + sum(p.width + pad for p, _ in panels), 640)
-    height_panels = max(p.height for p, _ in panels)
-    caption_h = 118
-    canvas = Image.new("RGB", (width, pad + 18 + height_panels + caption_h), (24, 24, 28))
-    draw = ImageDraw.Draw(canvas)
-    small, big = _font(13), _font(17)
-    x = pad
-    for panel, label in panels:
-        draw.text((x, pad), label, fill=(200, 200, 200), font=small)
-        canvas.paste(panel, (x, pad + 18))
-        x += panel.width + pad
-    y = pad + 18 + height_panels + 10
-    draw.text((pad, y), data.title, fill=(255, 255, 255), font=big)
-    draw.text((pad, y + 26), data.details, fill=(210, 210, 210), font=small)
-    ly = y + 52
-    draw.rectangle((pad, ly, pad + 14, ly + 14), outline=SOURCE_COLOUR, width=3)
-    draw.text((pad + 20, ly), "source (scaled by 1/lambda, rank shown)", fill=(210, 210, 210), font=small)
-    draw.rectangle((pad + 320, ly, pad + 334, ly + 14), outline=NEIGHBOUR_COLOUR, width=1)
-    draw.text((pad + 340, ly), "neighbour (receives (lambda-1) * h[donor])", fill=(210, 210, 210), font=small)
-    bar = colormap(np.linspace(0, 1, 200))[None].repeat(12, axis=0)
-    canvas.paste(Image.fromarray(bar), (pad, ly + 26))
-    draw.text((pad + 206, ly + 24), "diagnostic attention: low -> high", fill=(210, 210, 210), font=small)
-    return canvas
+    widths = [2 if gi == len(grids) - 1 else 1 for gi in range(len(grids))]  # the image panel twice as large
+    fig = figure(max(6.6, panel_size / 100 * sum(widths) / 2 + 0.4), panel_size / 100 + 2.0)
+    with styled():
+        gs = fig.add_gridspec(2, len(grids), width_ratios=widths, height_ratios=[panel_size / 100, 1.6],
+                              left=0.03, right=0.97, top=0.95, bottom=0.03, hspace=0.12)
+        offset = 0
+        for gi, g in enumerate(grids):
+            scores = np.asarray(data.attention[offset: offset + g.size], np.float64)
+            overlay = gi == len(grids) - 1  # single grid, or InternVL's thumbnail (the whole image)
+            label = "image" if len(grids) == 1 else ("thumbnail" if overlay else f"tile {gi + 1}")
+            _panel(fig.add_subplot(gs[0, gi]), data.image, g.rows, g.cols, scores, g.start, sources,
+                          neighbours, overlay, label)
+            offset += g.size
+        cap = fig.add_subplot(gs[1, :])
+        cap.axis("off")
+        cap.text(0, 0.95, data.title, fontsize=13, fontweight="bold", va="top", transform=cap.transAxes)
+        cap.text(0, 0.68, data.details, fontsize=8.5, va="top", transform=cap.transAxes, wrap=True)
+        handles = [Line2D([], [], marker="s", ls="none", mfc="none", mec=SOURCE_COLOUR, mew=2.4, ms=10,
+                          label="source (scaled by 1/λ, rank shown)"),
+                   Line2D([], [], marker="s", ls="none", mfc="none", mec=NEIGHBOUR_COLOUR, mew=0.8, ms=10,
+                          label="neighbour (receives (λ−1)·h[donor])")]
+        cap.legend(handles=handles, loc="lower left", bbox_to_anchor=(0, 0.0), ncol=1, fontsize=8.5, frameon=False)
+        bar = fig.add_axes((0.6, 0.07, 0.36, 0.022))
+        from matplotlib.cm import ScalarMappable
+        from matplotlib.colors import Normalize
+
+        from .plots import CMAP
+
+        scale = ScalarMappable(norm=Normalize(0, 1), cmap=CMAP)  # opaque, whatever the panels' overlay
+        fig.colorbar(scale, cax=bar, orientation="horizontal", label="diagnostic attention: low → high", ticks=[])
+    return to_image(fig)
 
 
 def explain_data(family: Any, image: Any, inputs: Any, plan: SequencePlan, entropy: float, config: Any) -> ExplainData:

@@ -257,18 +257,63 @@ def open_for_validation(directory: str | Path, *, family: Any = None, device: st
     return runner, family
 
 
-def compare_inputs(runner: Any, family: Any, inputs: Any, steps: int, answer_tokens: int = 1):
-    """The runner against the float32 reference (its ``float_gate``) and, where it has one, against its engine
-    reference (``engine_reference``): one report, or ``{engine name: ..., "float": ...}``."""
+def references(runner: Any, family: Any, inputs: Any) -> dict[str, tuple[Any, str]]:
+    """{name: (reference, gate)}: the runner's engine reference where it has one (``engine_reference``), then the
+    float32 PyTorch model (``float_gate``)."""
     from .reference import TorchReference
 
-    cfg = runner.config
     engine = runner.engine_reference(family, inputs)
-    flt = _compare_runs(runner, TorchReference(family), inputs, cfg, steps, runner.float_gate(), answer_tokens)
-    if engine is None:
-        return flt
-    name, reference, gate = engine
-    return {name: _compare_runs(runner, reference, inputs, cfg, steps, gate, answer_tokens), "float": flt}
+    out = {engine[0]: (engine[1], engine[2])} if engine is not None else {}
+    out["float"] = (TorchReference(family), runner.float_gate())
+    return out
+
+
+def compare_inputs(runner: Any, family: Any, inputs: Any, steps: int, answer_tokens: int = 1):
+    """The runner against each of its references: one report (the float model alone), or ``{engine name: ...,
+    "float": ...}``."""
+    refs = references(runner, family, inputs)
+    reports = {name: _compare_runs(runner, ref, inputs, runner.config, steps, gate, answer_tokens)
+               for name, (ref, gate) in refs.items()}
+    return reports["float"] if len(reports) == 1 else reports
+
+
+def layer_parity(runner: Any, family: Any, inputs: Any) -> dict[str, list[dict[str, Any]]]:
+    """Per decoder layer, the deployed hidden state against each reference's, with SCR (everyone on the float
+    reference's plan, so plan flips do not blur the engine's error) and without: cosine and max rel. error over the
+    prompt's real tokens (batch row 0). ``{reference name: [{layer, cosine_scr, cosine_off, max_rel_scr,
+    max_rel_off, scr_layer}]}``."""
+    from .reference import plan_for_inputs
+
+    cfg = runner.config
+    plan = plan_for_inputs(family, inputs, cfg)
+    real = inputs.array("attention_mask")[0].astype(bool)
+    cand = {scr: runner.layer_states(inputs, scr=scr, plan=plan if scr else None, config=cfg)[:, real]
+            for scr in (True, False)}
+    scr_layers = set(cfg.layer_indices())
+    out: dict[str, list[dict[str, Any]]] = {}
+    for name, (ref, _) in references(runner, family, inputs).items():
+        want = {scr: ref.layer_states(inputs, scr=scr, plan=plan if scr else None, config=cfg)[:, real]
+                for scr in (True, False)}
+        rows = []
+        for i in range(cand[True].shape[0]):
+            row: dict[str, Any] = {"layer": i, "scr_layer": i in scr_layers}
+            for scr, tag in ((True, "scr"), (False, "off")):
+                c = Comparison.of(f"layer {i}", cand[scr][i], want[scr][i])
+                row[f"cosine_{tag}"], row[f"max_rel_{tag}"] = c.cosine, c.max_rel
+            rows.append(row)
+        out[name] = rows
+    return out
+
+
+def layer_table(layers: dict[str, list[dict[str, Any]]]) -> str:
+    out = []
+    for name, rows in layers.items():
+        out.append(f"== per-layer hidden states against {name} (first sample; * = an SCR layer)")
+        out.append(f"{'layer':>6} {'cosine SCR':>12} {'cosine no SCR':>14} {'max rel SCR':>12} {'max rel no SCR':>15}")
+        for r in rows:
+            out.append(f"{r['layer']:>5}{'*' if r['scr_layer'] else ' '} {r['cosine_scr']:>12.7f} "
+                       f"{r['cosine_off']:>14.7f} {r['max_rel_scr']:>12.3e} {r['max_rel_off']:>15.3e}")
+    return "\n".join(out)
 
 
 def validate_directory(directory: str | Path, *, family: Any = None, images=None, prompts=None, steps: int = 16,
@@ -291,11 +336,11 @@ def report_to_dict(report) -> dict:
     return {k: r.to_dict() for k, r in report.items()} if isinstance(report, dict) else report.to_dict()
 
 
-def write_report(report, path: str | Path) -> None:
-    """Write atomically (a half-written report is worse than none)."""
+def write_report(report, path: str | Path, extra: dict | None = None) -> None:
+    """Write atomically (a half-written report is worse than none); ``extra`` adds top-level entries."""
     import os
 
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(report_to_dict(report), indent=2))
+    tmp.write_text(json.dumps({**report_to_dict(report), **(extra or {})}, indent=2))
     os.replace(tmp, path)

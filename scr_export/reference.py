@@ -157,3 +157,36 @@ class TorchReference:
         with self.context():
             return generate(self.family, inputs, config, scr=scr, max_new_tokens=max_new_tokens, plan=plan,
                             stop_at_eos=stop_at_eos, keep_prefill_logits=keep_prefill_logits)
+
+    def layer_states(self, inputs, *, scr: bool = True, plan=None, config=None) -> np.ndarray:
+        with self.context():
+            return layer_states(self.family, inputs, scr=scr, plan=plan, config=config)
+
+
+def layer_states(family: VLMFamily, inputs: VLMInputs, *, scr: bool = True, plan: SequencePlan | None = None,
+                 config: SCRConfig | None = None) -> np.ndarray:
+    """The hidden state after every decoder layer at the prefill, [layers, T, D] float32 (batch row 0), after the
+    SCR edit where a layer has one: what the runtimes' ``layer_states`` are compared with."""
+    import torch
+
+    config = (config or family.scr_config()).clamped(family.num_layers)
+    batch, length = inputs.shape
+    if not scr:
+        plan = SequencePlan.identity(batch, length)
+    elif plan is None:
+        plan = plan_for_inputs(family, inputs, config)
+    inputs = inputs.to(family.device, family.model.dtype)
+    states: dict[int, np.ndarray] = {}
+    handles = []
+    with torch.no_grad(), Redistribution(family, plan, config):
+        for i, layer in enumerate(family.decoder_layers()):  # registered after SCR's hooks: they see its edit
+            def hook(module, args, output, i=i):
+                h = output[0] if isinstance(output, tuple) else output
+                states[i] = h[0].float().cpu().numpy()
+            handles.append(layer.register_forward_hook(hook))
+        try:
+            family.model(**family.forward_inputs(dict(inputs.tensors)), use_cache=False)
+        finally:
+            for h in handles:
+                h.remove()
+    return np.stack([states[i] for i in range(family.num_layers)])

@@ -141,6 +141,45 @@ class LlamaCppVLM:
         return [image_maps(collector.result(), inputs.array("input_ids")[0], inputs.array("attention_mask")[0],
                            inputs.layouts[0])]
 
+    def layer_states(self, inputs: VLMInputs, *, scr: bool = True, plan: SequencePlan | None = None,
+                     config: SCRConfig | None = None) -> np.ndarray:
+        """The hidden state after every decoder layer at the prefill, [layers, T, D] float32: ``l_out-L`` through
+        the eval callback, after the SCR edit where a layer has one (``plan``, or the runner's own)."""
+        config = (config or self.config).clamped(self.family.num_layers)
+        length = inputs.shape[1]
+        embeds = self.embed(inputs)
+        if not scr:
+            plan = SequencePlan.identity(1, length)
+        elif plan is None:
+            plan = plan_sequence(inputs.layouts, self.attention_maps(inputs, embeds, config), length, config)
+        cb = self.llama.callback
+        cb.handlers.clear()
+        install_redistribution(cb, config, plan.donor[0], plan.scale[0], plan.weight[0])
+        states: dict[int, np.ndarray] = {}
+
+        def capture(layer, edit):
+            def handler(name, rows):
+                out = edit(name, rows) if edit is not None else None
+                states[layer] = np.array(rows if out is None else out, np.float32)
+                return out
+            return handler
+
+        for i in range(self.family.num_layers):
+            cb.handlers[f"l_out-{i}"] = capture(i, cb.handlers.get(f"l_out-{i}"))
+        self.llama.reset()
+        cb.active = True
+        try:
+            # logits for every position: llama.cpp otherwise computes the last layer for the output rows only
+            self.llama.decode_embeddings(embeds[0], want_logits=True, positions=self._positions(inputs)[0])
+        finally:
+            cb.active = False
+            cb.handlers.clear()
+        missing = [i for i in range(self.family.num_layers) if i not in states]
+        if missing:
+            raise SCRExportError(f"l_out of layers {missing} never reached the eval callback",
+                                 "this llama.cpp names its tensors differently: report it with its version")
+        return np.stack([states[i] for i in range(self.family.num_layers)])
+
     def generate(self, inputs: VLMInputs, *, scr: bool = True, max_new_tokens: int = 32,
                  plan: SequencePlan | None = None, config: SCRConfig | None = None,
                  forced_tokens: Sequence[Sequence[int]] | None = None, keep_prefill_logits: bool = False,

@@ -101,6 +101,11 @@ class TrtVLM(OrtVLM):
     def engine_reference(self, family, inputs):
         return None  # the engines are the only kernels here; the float comparison is the report
 
+    def layer_states(self, inputs, *, scr=True, plan=None, config=None):
+        raise SCRExportError("per-layer hidden states need engines built with the layer outputs marked, which "
+                             "build_engines.sh does not build", "validate --per-layer --runtime onnx runs the same "
+                             "ONNX graphs layer by layer")
+
     def __init__(self, directory: str | Path, device: str = "auto", threads: int | None = None,
                  scr_kernel: str | None = None):
         self._load_directory(directory)
