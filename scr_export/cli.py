@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -192,15 +190,9 @@ class Explain(Command):
         plan = plan_for_inputs(fam, inputs, cfg)
         norms = image_token_norms(fam, inputs.to(fam.device).tensors, inputs.layouts, cfg.layers[0])
         entropy = credit_entropy(norms[0][0])
-        picture = render(explain_data(fam, images[0], inputs, plan, entropy, cfg))
-        fd, tmp = tempfile.mkstemp(suffix=".png", dir=out.parent)
-        os.close(fd)
-        try:
-            picture.save(tmp, format="PNG")
-            os.replace(tmp, out)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        from .plots import save_png
+
+        save_png(render(explain_data(fam, images[0], inputs, plan, entropy, cfg)), out)
         _log(f"credit entropy {entropy:.3f} nats; {len(plan.images[0].sources)} sources")
         print(out)
         return 0

@@ -42,13 +42,20 @@ def styled():
     return matplotlib.rc_context(STYLE)
 
 
-def save_png(fig, path: str | Path) -> None:
-    """Write ``fig`` to ``path`` atomically (a half-written picture is worse than none)."""
+def save_png(picture, path: str | Path) -> None:
+    """Write a figure or a PIL image to ``path`` atomically (a half-written picture is worse than none), with the
+    permissions of a plain new file (not mkstemp's private 0600)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent)
     os.close(fd)
     try:
-        fig.savefig(tmp, format="png", facecolor=fig.get_facecolor())
+        if hasattr(picture, "savefig"):
+            picture.savefig(tmp, format="png", facecolor=picture.get_facecolor())
+        else:
+            picture.save(tmp, format="PNG")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -142,3 +142,44 @@ def test_bad_data_is_refused_with_exit_2_and_one_line(content, limit, needle, co
     problem = [line for line in res.stderr.splitlines() if "error:" in line]
     assert len(problem) == 1 and needle in problem[0] and "Traceback" not in res.stderr
     assert not (tmp_path / "r.json").exists()
+
+
+def test_per_layer_error_fp32_onnx_and_q4_gguf_with_the_picture(converted, gguf_dir, tmp_path):
+    """--per-layer: every layer of an fp32 ONNX decoder within 1e-5 of the reference (cosine), with SCR and
+    without; a Q4_0 GGUF's layers finite and further off; --plot draws both panels."""
+    from PIL import Image
+
+    fp32 = converted("llava")[0]
+    out, png = tmp_path / "fp32.json", tmp_path / "fp32.png"
+    res = run_cli("validate", str(fp32), "--data", str(POPE), "--limit", "2", "--steps", "2", "--per-layer",
+                  "--plot", str(png), "--json", str(out))
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = json.loads(out.read_text())["per_layer"]["float"]
+    assert [r["layer"] for r in rows] == list(range(len(rows))) and any(r["scr_layer"] for r in rows)
+    assert all(r["cosine_scr"] >= 0.99999 and r["cosine_off"] >= 0.99999 for r in rows), rows
+    assert "per-layer hidden states against float" in res.stdout
+    picture = Image.open(png)
+    assert picture.size[0] >= 900 and picture.size[1] >= 700  # two panels
+
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed: pip install -e '.[llamacpp]'")
+    q4 = gguf_dir("llava", "q4_0")[0]
+    image = tmp_path / "i.png"
+    make_image(seed=3).save(image)
+    out = tmp_path / "q4.json"
+    res = run_cli("validate", str(q4), "--image", str(image), "--steps", "2", "--per-layer", "--json", str(out))
+    assert res.returncode in (0, 1), res.stderr[-3000:]
+    layers = json.loads(out.read_text())["per_layer"]
+    assert set(layers) == {"dequantized", "float"}
+    q4_rows = layers["float"]
+    values = [r[k] for r in q4_rows for k in ("cosine_scr", "cosine_off", "max_rel_scr", "max_rel_off")]
+    assert np.all(np.isfinite(values))
+    assert min(r["cosine_scr"] for r in q4_rows) < min(r["cosine_scr"] for r in rows)
+
+
+def test_plot_needs_something_to_draw_and_a_png_name(converted, tmp_path):
+    directory = converted("llava")[0]
+    res = run_cli("validate", str(directory), "--plot", str(tmp_path / "x.png"))
+    assert res.returncode == 2 and "nothing to draw" in res.stderr
+    res = run_cli("validate", str(directory), "--data", str(POPE), "--plot", str(tmp_path / "x.jpg"))
+    assert res.returncode == 2 and "not a .png" in res.stderr
+    assert not list(tmp_path.iterdir())
