@@ -183,3 +183,16 @@ def test_plot_needs_something_to_draw_and_a_png_name(converted, tmp_path):
     res = run_cli("validate", str(directory), "--data", str(POPE), "--plot", str(tmp_path / "x.jpg"))
     assert res.returncode == 2 and "not a .png" in res.stderr
     assert not list(tmp_path.iterdir())
+
+
+def test_a_directory_whose_checkpoint_is_gone_is_a_clear_error(converted, tmp_path):
+    import shutil
+
+    directory = tmp_path / "moved"
+    shutil.copytree(converted("llava")[0], directory)
+    manifest = json.loads((directory / "manifest.json").read_text())
+    manifest["source"]["model"] = str(tmp_path / "deleted-checkpoint")
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+    res = run_cli("validate", str(directory), "--data", str(POPE), "--limit", "1")
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert "deleted-checkpoint" in res.stderr and "neither a preset nor an existing directory" in res.stderr
