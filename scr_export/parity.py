@@ -13,14 +13,21 @@ from .errors import SCRExportError
 
 # DESIGN.md's gates by precision (starting points; tighten with evidence)
 # Plan flips are judged by their margin (scr_export.plan_flips): near ties (the reference's credits of the two
-# patches closer than the candidate's map error at them) are the diagnostic's noise and pass; "real_flip_fraction"
-# bounds the others (none at fp32 / fp16). The SCR effect is gated with the reference's plan (the engine's error);
-# the end-to-end effect, which a near tie moves, is reported.
+# patches within twice the candidate's typical map error) are the diagnostic's noise and pass; "real_flip_fraction"
+# bounds the others, "map_error_rel" the diagnostic map's error (max |ΔA| / max A). The SCR effect is gated with the
+# reference's plan (the engine's error); the end-to-end effect, which a near tie moves, is reported.
+# Evidence (validate --data on examples/pope, 8 samples, the four tiny presets): real flips 0 of 32 sources in
+# every engine comparison (Q8_0, Q4_0 against their dequantized weights; 1 of 32 at Q4_0 against the float model,
+# reported); map error 95th percentile: fp32 ONNX / f32 GGUF <= 1.3e-7 (1.5e-5 with llama.cpp's Qwen2-VL epsilon-0
+# deviation), Q8_0 <= 3.5e-3, Q4_0 <= 4.3e-2.
 GATES = {
-    "fp32": {"max_rel": 1e-4, "plan_identical": True, "greedy_identical": True, "real_flip_fraction": 0.0},
+    "fp32": {"max_rel": 1e-4, "plan_identical": True, "greedy_identical": True, "real_flip_fraction": 0.0,
+             "map_error_rel": 1e-4},
     "fp16": {"cosine": 0.999, "norm_ratio": 0.01, "real_flip_fraction": 0.0},
-    "int8": {"cosine": 0.99, "norm_ratio": 0.05, "scr_effect_cosine_same_plan": 0.95, "real_flip_fraction": 0.1},
-    "4bit": {"cosine": 0.97, "norm_ratio": 0.1, "scr_effect_cosine_same_plan": 0.9, "real_flip_fraction": 0.25},
+    "int8": {"cosine": 0.99, "norm_ratio": 0.05, "scr_effect_cosine_same_plan": 0.95, "real_flip_fraction": 0.05,
+             "map_error_rel": 1e-2},
+    "4bit": {"cosine": 0.97, "norm_ratio": 0.1, "scr_effect_cosine_same_plan": 0.9, "real_flip_fraction": 0.1,
+             "map_error_rel": 0.1},
     # quantized ONNX / TensorRT graphs against the float32 PyTorch model (what users see): research/quantization.md
     # §3.2's starting points; the SCR effect is judged with the reference's plan (flips of near-tied sources are
     # the diagnostic's noise, reported beside it)

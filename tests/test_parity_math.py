@@ -201,18 +201,30 @@ def test_jaccard_of_source_sets():
 # -- ParityReport gates ------------------------------------------------------------------------------------------
 
 def test_gates_are_designs_table():
-    assert GATES["fp32"] == {"max_rel": 1e-4, "plan_identical": True, "greedy_identical": True}
-    assert GATES["fp16"] == {"cosine": 0.999, "norm_ratio": 0.01, "plan_jaccard": 0.9}
-    assert GATES["int8"] == {"cosine": 0.99, "norm_ratio": 0.05, "scr_effect_cosine": 0.95}
-    assert GATES["4bit"] == {"cosine": 0.97, "norm_ratio": 0.1, "scr_effect_cosine": 0.9}
+    """DESIGN.md's starting points, with plan agreement judged by margin (issue 12): near ties pass, real flips and
+    the diagnostic map error are gated, the SCR effect is gated with the reference's plan."""
+    assert GATES["fp32"] == {"max_rel": 1e-4, "plan_identical": True, "greedy_identical": True,
+                             "real_flip_fraction": 0.0, "map_error_rel": 1e-4}
+    assert GATES["fp16"] == {"cosine": 0.999, "norm_ratio": 0.01, "real_flip_fraction": 0.0}
+    assert GATES["int8"] == {"cosine": 0.99, "norm_ratio": 0.05, "scr_effect_cosine_same_plan": 0.95,
+                             "real_flip_fraction": 0.05, "map_error_rel": 1e-2}
+    assert GATES["4bit"] == {"cosine": 0.97, "norm_ratio": 0.1, "scr_effect_cosine_same_plan": 0.9,
+                             "real_flip_fraction": 0.1, "map_error_rel": 0.1}
 
 
 def _comparison(name="prefill logits (SCR)", max_rel=0.0, cosine=1.0, norm_ratio=1.0):
     return Comparison(name, max_abs=max_rel, max_rel=max_rel, cosine=cosine, norm_ratio=norm_ratio, top1=1.0, kl=0.0)
 
 
+def _flips(real=0, near=0, sources=32, map_error_rel=0.0):
+    """A FlipJudgement.to_dict() as parity reads it (counts written out here, not computed by the code)."""
+    return {"sources": sources, "near_ties": near, "real_flips": real, "real_flip_fraction": real / sources,
+            "map_error": map_error_rel, "map_error_rel": map_error_rel, "flips": []}
+
+
 def _report(precision, comparisons=None, **fields):
-    base = dict(plan_identical=True, plan_jaccard=1.0, scr_effect_cosine=1.0, greedy_identical=True)
+    base = dict(plan_identical=True, plan_jaccard=1.0, scr_effect_cosine=1.0, greedy_identical=True,
+                scr_effect_cosine_same_plan=1.0)
     base.update(fields)
     return ParityReport(precision=precision, provider="test", comparisons=comparisons or [_comparison()],
                         ref_tokens=[[1, 2]], cand_tokens=[[1, 2]], **base)
@@ -234,13 +246,17 @@ def test_a_perfect_report_passes(precision):
     ("fp16", dict(cosine=0.998), {}, "prefill logits (SCR): cosine 0.99800 < 0.999"),
     ("fp16", dict(norm_ratio=1.02), {}, "prefill logits (SCR): |norm ratio - 1| = 0.0200 > 0.01"),
     ("fp16", dict(norm_ratio=0.98), {}, "prefill logits (SCR): |norm ratio - 1| = 0.0200 > 0.01"),  # too small fails as well
-    ("fp16", {}, dict(plan_jaccard=0.8), "plan Jaccard 0.800 < 0.9"),
+    ("fp16", {}, dict(flips=_flips(real=1, near=2)),
+     "real plan flips: 1 of 32 sources (0.031 > 0.0; near ties, allowed: 2)"),
+    ("int8", {}, dict(flips=_flips(real=2)), "real plan flips: 2 of 32 sources (0.062 > 0.05; near ties, allowed: 0)"),
+    ("int8", {}, dict(flips=_flips(map_error_rel=0.02)), "diagnostic map error 2.00e-02 (relative) > 1e-02"),
+    ("fp32", {}, dict(flips=_flips(map_error_rel=2e-4)), "diagnostic map error 2.00e-04 (relative) > 1e-04"),
     ("int8", dict(cosine=0.98), {}, "prefill logits (SCR): cosine 0.98000 < 0.99"),
     ("int8", dict(norm_ratio=1.06), {}, "prefill logits (SCR): |norm ratio - 1| = 0.0600 > 0.05"),
-    ("int8", {}, dict(scr_effect_cosine=0.94), "SCR effect cosine 0.9400 < 0.95"),
+    ("int8", {}, dict(scr_effect_cosine_same_plan=0.94), "SCR effect cosine with the reference's plan 0.9400 < 0.95"),
     ("4bit", dict(cosine=0.96), {}, "prefill logits (SCR): cosine 0.96000 < 0.97"),
     ("4bit", dict(norm_ratio=0.85), {}, "prefill logits (SCR): |norm ratio - 1| = 0.1500 > 0.1"),
-    ("4bit", {}, dict(scr_effect_cosine=0.89), "SCR effect cosine 0.8900 < 0.9"),
+    ("4bit", {}, dict(scr_effect_cosine_same_plan=0.89), "SCR effect cosine with the reference's plan 0.8900 < 0.9"),
     ("fp16", dict(cosine=float("nan")), {}, "prefill logits (SCR): cosine nan < 0.999"),  # NaN never passes
     ("fp32", dict(max_rel=float("nan")), {}, "prefill logits (SCR): max rel. error nan > 1e-04"),
 ])
@@ -254,9 +270,9 @@ def test_each_gate_fails_with_a_message_that_names_it(precision, comparison, fie
 
 @pytest.mark.parametrize("precision, comparison, fields", [
     ("fp32", dict(max_rel=1e-4), {}),
-    ("fp16", dict(cosine=0.999, norm_ratio=1.0078125), dict(plan_jaccard=0.9)),  # |Δ| = 2^-7: exact in binary
-    ("int8", dict(cosine=0.99), dict(scr_effect_cosine=0.95)),
-    ("4bit", dict(cosine=0.97, norm_ratio=0.9375), dict(scr_effect_cosine=0.9)),
+    ("fp16", dict(cosine=0.999, norm_ratio=1.0078125), dict(flips=_flips(near=5))),  # |Δ| = 2^-7: exact in binary
+    ("int8", dict(cosine=0.99), dict(scr_effect_cosine_same_plan=0.95, flips=_flips(real=1, map_error_rel=1e-2))),
+    ("4bit", dict(cosine=0.97, norm_ratio=0.9375), dict(scr_effect_cosine_same_plan=0.9, flips=_flips(real=3))),
 ])
 def test_values_on_the_threshold_pass(precision, comparison, fields):
     r = _report(precision, [_comparison(**comparison)], **fields)
@@ -266,8 +282,9 @@ def test_values_on_the_threshold_pass(precision, comparison, fields):
 def test_gates_of_other_precisions_do_not_apply():
     # fp32 does not gate cosine / plan Jaccard; quantized gates do not ask for an identical plan or greedy tokens
     assert _report("fp32", plan_jaccard=0.0, scr_effect_cosine=0.0)
-    assert _report("int8", plan_identical=False, greedy_identical=False, plan_jaccard=0.0)
-    assert _report("fp16", plan_identical=False, greedy_identical=False, scr_effect_cosine=-1.0)
+    assert _report("int8", plan_identical=False, greedy_identical=False, plan_jaccard=0.0, scr_effect_cosine=0.0)
+    assert _report("fp16", plan_identical=False, greedy_identical=False, scr_effect_cosine=-1.0, plan_jaccard=0.0,
+                   flips=_flips(near=4, map_error_rel=0.5))
     # "report" gates nothing
     assert _report("report", [_comparison(max_rel=1.0, cosine=0.0, norm_ratio=3.0)], plan_identical=False,
                    plan_jaccard=0.0, scr_effect_cosine=0.0, greedy_identical=False)
@@ -275,8 +292,9 @@ def test_gates_of_other_precisions_do_not_apply():
 
 def test_every_failing_comparison_is_listed():
     comps = [_comparison("a", cosine=0.5), _comparison("b"), _comparison("c", norm_ratio=2.0)]
-    r = _report("fp16", comps, plan_jaccard=0.5)
-    assert r.failures == ["a: cosine 0.50000 < 0.999", "c: |norm ratio - 1| = 1.0000 > 0.01", "plan Jaccard 0.500 < 0.9"]
+    r = _report("fp16", comps, flips=_flips(real=1))
+    assert r.failures == ["a: cosine 0.50000 < 0.999", "c: |norm ratio - 1| = 1.0000 > 0.01",
+                          "real plan flips: 1 of 32 sources (0.031 > 0.0; near ties, allowed: 0)"]
 
 
 def test_a_mismatched_mask_fails_every_precision_gate():

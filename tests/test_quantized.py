@@ -38,7 +38,9 @@ KNOWN_TINY_FAILURES = {
     "fp8": ("top-1 agreement", "SCR effect cosine with the reference's plan"),
 }
 # what the tiny presets do reach, asserted so a regression below it still fails
-FLOORS = {"int8": {"cosine": 0.999, "top1": 0.9, "effect": 0.9}, "int4": {"cosine": 0.96, "top1": 0.5, "effect": 0.95},
+# (int8 top-1: tiny-chameleon 0.938, 0.875 since the calibration set gained a flat-colour scene: 2 of 16 near-tied
+# tokens of a random model)
+FLOORS = {"int8": {"cosine": 0.999, "top1": 0.85, "effect": 0.9}, "int4": {"cosine": 0.96, "top1": 0.5, "effect": 0.95},
           "fp8": {"cosine": 0.995, "top1": 0.6, "effect": 0.75}}  # fp8 llava effect: 0.83, 0.797 since prompts start
 # with BOS (the tiny model's fp8 effect moves with any change of its inputs)
 
