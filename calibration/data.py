@@ -3,9 +3,9 @@
 Three sources, all checked before any conversion work starts (a bad one is an exit-2 error that names the file and
 the line, and leaves no output directory):
 
-- a folder of images (``*.png``, ``*.jpg``, ``*.jpeg``, ``*.bmp``, ``*.webp``), sorted by name, with an optional
-  ``prompts.txt`` beside them: one prompt a line, cycled over the images;
-- a JSONL file of ``{"image": path, "prompt": text}`` records, image paths relative to the file;
+- a folder of images with an optional ``prompts.txt`` (one prompt a line, cycled over the images), or a JSONL file
+  of ``{"image": path, "prompt": text}`` records, image paths relative to the file: read by ``scr_export.datasets``,
+  as ``validate --data`` reads them;
 - nothing: a built-in set of synthetic images and prompts, with a loud warning (real calibration needs real data:
   the ranges of a deployed model should come from the images and questions it will see).
 
@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import warnings
 from pathlib import Path
 from typing import Any
 
-from scr_export.errors import InputError
+from scr_export.datasets import DataError, list_records, open_image
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 DEFAULT_PROMPTS = (
     "What is in this picture? Describe the main object.",
     "Is there a red object in the image? Answer yes or no.",
@@ -35,7 +33,7 @@ SYNTHETIC_WARNING = ("calibrating on the built-in synthetic images: fine for a s
                      "deploy. Pass --calib-data with real images (and prompts) of your use case.")
 
 
-class CalibrationDataError(InputError):
+class CalibrationDataError(DataError):
     """The calibration data cannot be read (exit 2)."""
 
 
@@ -56,65 +54,6 @@ class CalibrationSet:
     def describe(self) -> dict[str, Any]:
         return {"source": self.source, "samples": len(self.samples), "sha256": self.fingerprint,
                 "synthetic": self.synthetic}
-
-
-def _open_image(path: Path, where: str):
-    from PIL import Image, UnidentifiedImageError
-
-    if not path.is_file():
-        raise CalibrationDataError(f"{where}: the image {path} does not exist",
-                                   "fix the path (JSONL image paths are relative to the JSONL file)")
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError) as exc:
-        raise CalibrationDataError(f"{where}: the image {path} cannot be read ({exc})",
-                                   "remove or replace the file; calibration images must be PNG/JPEG/BMP/WebP") from None
-
-
-def _from_folder(folder: Path) -> list[tuple[Path, str]]:
-    images = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if not images:
-        raise CalibrationDataError(f"the calibration folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})",
-                                   "put the images of your use case there, or pass a JSONL file of "
-                                   '{"image": ..., "prompt": ...} records')
-    prompts = list(DEFAULT_PROMPTS)
-    prompts_file = folder / "prompts.txt"
-    if prompts_file.is_file():
-        prompts = [line.strip() for line in prompts_file.read_text(encoding="utf-8").splitlines() if line.strip()]
-        if not prompts:
-            raise CalibrationDataError(f"{prompts_file} holds no prompts", "write one prompt a line, or delete the file")
-    return [(img, prompts[i % len(prompts)]) for i, img in enumerate(images)]
-
-
-def _from_jsonl(path: Path) -> list[tuple[Path, str]]:
-    records = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{n}"
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise CalibrationDataError(f"{where} is not JSON ({exc.msg})",
-                                       'write one {"image": "path", "prompt": "text"} object per line') from None
-        if not isinstance(rec, dict):
-            raise CalibrationDataError(f"{where} is not a JSON object", 'write {"image": "path", "prompt": "text"}')
-        missing = [k for k in ("image", "prompt") if not isinstance(rec.get(k), str) or not rec.get(k)]
-        if missing:
-            raise CalibrationDataError(f"{where} has no {' or '.join(repr(m) for m in missing)} string",
-                                       'every line needs {"image": "path", "prompt": "text"}')
-        image = Path(rec["image"])
-        records.append((image if image.is_absolute() else path.parent / image, rec["prompt"], where))
-    if not records:
-        raise CalibrationDataError(f"the calibration file {path} holds no records",
-                                   'write one {"image": "path", "prompt": "text"} object per line')
-    for image, _, where in records:  # all paths checked before any image is decoded
-        if not image.is_file():
-            raise CalibrationDataError(f"{where}: the image {image} does not exist",
-                                       "fix the path (image paths are relative to the JSONL file)")
-    return [(image, prompt) for image, prompt, _ in records]
 
 
 def synthetic_images(n: int):
@@ -152,19 +91,11 @@ def load_calibration_data(path: str | Path | None, samples: int | None = None, *
                  for i, img in enumerate(imgs)]
         return CalibrationSet(pairs, f"built-in synthetic set ({n})", _fingerprint(pairs), synthetic=True)
     p = Path(path)
-    if p.is_dir():
-        listed = _from_folder(p)
-    elif p.is_file():
-        if p.suffix.lower() not in (".jsonl", ".json"):
-            raise CalibrationDataError(f"--calib-data {p} is neither a folder nor a .jsonl file",
-                                       "pass a folder of images (with an optional prompts.txt) or a JSONL file")
-        listed = _from_jsonl(p)
-    else:
-        raise CalibrationDataError(f"--calib-data {p} does not exist",
-                                   "pass a folder of images or a JSONL file of {\"image\", \"prompt\"} records")
+    listed = list_records(p, default_prompts=DEFAULT_PROMPTS, what="--calib-data", error=CalibrationDataError)
     if samples is not None:
         listed = listed[:samples]
-    pairs = [CalibrationSample(_open_image(img, str(img)), prompt, str(img)) for img, prompt in listed]
+    pairs = [CalibrationSample(open_image(r.image, r.where, CalibrationDataError), r.prompt, str(r.image))
+             for r in listed]
     return CalibrationSet(pairs, str(p), _fingerprint(pairs))
 
 
