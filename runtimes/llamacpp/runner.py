@@ -126,18 +126,24 @@ class LlamaCppVLM:
         prefill, first = self.images.positions(inputs)
         return prefill[:, 0], int(first[0, 0, 0])
 
-    def attention_maps(self, inputs: VLMInputs, embeds: np.ndarray, config: SCRConfig):
+    def _hooked_prefill(self, inputs: VLMInputs, embeds: np.ndarray, want_logits: bool, active: bool = True):
+        """One prefill of the prompt from an empty cache with the callback's handlers live (``active``); the
+        handlers are cleared afterwards, whatever happens."""
         cb = self.llama.callback
-        length = inputs.shape[1]
-        cb.handlers.clear()
-        collector = AttentionCollector(cb, config, length, self.n_head)
         self.llama.reset()
-        cb.active = True
+        cb.active = active
         try:
-            self.llama.decode_embeddings(embeds[0], want_logits=False, positions=self._positions(inputs)[0])
+            return self.llama.decode_embeddings(embeds[0], want_logits=want_logits,
+                                                positions=self._positions(inputs)[0])
         finally:
             cb.active = False
             cb.handlers.clear()
+
+    def attention_maps(self, inputs: VLMInputs, embeds: np.ndarray, config: SCRConfig):
+        cb = self.llama.callback
+        cb.handlers.clear()
+        collector = AttentionCollector(cb, config, inputs.shape[1], self.n_head)
+        self._hooked_prefill(inputs, embeds, want_logits=False)
         return [image_maps(collector.result(), inputs.array("input_ids")[0], inputs.array("attention_mask")[0],
                            inputs.layouts[0])]
 
@@ -166,14 +172,8 @@ class LlamaCppVLM:
 
         for i in range(self.family.num_layers):
             cb.handlers[f"l_out-{i}"] = capture(i, cb.handlers.get(f"l_out-{i}"))
-        self.llama.reset()
-        cb.active = True
-        try:
-            # logits for every position: llama.cpp otherwise computes the last layer for the output rows only
-            self.llama.decode_embeddings(embeds[0], want_logits=True, positions=self._positions(inputs)[0])
-        finally:
-            cb.active = False
-            cb.handlers.clear()
+        # logits for every position: llama.cpp otherwise computes the last layer for the output rows only
+        self._hooked_prefill(inputs, embeds, want_logits=True)
         missing = [i for i in range(self.family.num_layers) if i not in states]
         if missing:
             raise SCRExportError(f"l_out of layers {missing} never reached the eval callback",
@@ -202,15 +202,10 @@ class LlamaCppVLM:
         cb = self.llama.callback
         cb.handlers.clear()
         install_redistribution(cb, config, plan.donor[0], plan.scale[0], plan.weight[0])
-        self.llama.reset()
-        cb.active = not plan.is_identity  # no hook at all for an identity plan: bit-identical to plain llama.cpp
-        try:
-            positions, first_position = self._positions(inputs)
-            logits = self.llama.decode_embeddings(embeds[0], want_logits=True, positions=positions)
-            fix_logits(self.architecture, logits, self.masked_ids)
-        finally:
-            cb.active = False
-            cb.handlers.clear()
+        # no hook at all for an identity plan: bit-identical to plain llama.cpp
+        logits = self._hooked_prefill(inputs, embeds, want_logits=True, active=not plan.is_identity)
+        fix_logits(self.architecture, logits, self.masked_ids)
+        first_position = self._positions(inputs)[1]
         prefill = logits[None].copy() if keep_prefill_logits else None
         last = logits[-1].astype(np.float32)
         eos = fam.tokenizer.eos_token_id
