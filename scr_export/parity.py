@@ -31,15 +31,20 @@ GATES = {
     # quantized ONNX / TensorRT graphs against the float32 PyTorch model (what users see): research/quantization.md
     # §3.2's starting points; the SCR effect is judged with the reference's plan (flips of near-tied sources are
     # the diagnostic's noise, reported beside it)
-    "int8/float": {"cosine": 0.995, "norm_ratio": 0.05, "top1": 0.97, "kl": 0.01, "scr_effect_cosine_same_plan": 0.95},
-    "fp8/float": {"cosine": 0.995, "norm_ratio": 0.05, "top1": 0.97, "kl": 0.01, "scr_effect_cosine_same_plan": 0.95},
-    "int4/float": {"cosine": 0.98, "norm_ratio": 0.1, "top1": 0.90, "kl": 0.05, "scr_effect_cosine_same_plan": 0.95},
+    # (map error and real flips measured over examples/pope: int8 <= 9.3e-3, fp8 <= 1.2e-3, no real flip)
+    "int8/float": {"cosine": 0.995, "norm_ratio": 0.05, "top1": 0.97, "kl": 0.01, "scr_effect_cosine_same_plan": 0.95,
+                   "real_flip_fraction": 0.05, "map_error_rel": 2e-2},
+    "fp8/float": {"cosine": 0.995, "norm_ratio": 0.05, "top1": 0.97, "kl": 0.01, "scr_effect_cosine_same_plan": 0.95,
+                  "real_flip_fraction": 0.05, "map_error_rel": 2e-2},
+    "int4/float": {"cosine": 0.98, "norm_ratio": 0.1, "top1": 0.90, "kl": 0.05, "scr_effect_cosine_same_plan": 0.95,
+                   "real_flip_fraction": 0.1, "map_error_rel": 0.1},
     # the same graph with ONNX Runtime's quantized kernels against it run unfused (kernel error alone). Measured:
     # cosine >= 0.99978 everywhere (small-llava int8: a fused fp32 norm flips activations that sit on an int8
     # rounding boundary by one step, which also moves the small SCR effect: 0.89, reported, not gated)
-    "int8/engine": {"cosine": 0.999, "norm_ratio": 0.01},
-    "fp8/engine": {"cosine": 0.999, "norm_ratio": 0.01},
-    "int4/engine": {"cosine": 0.999, "norm_ratio": 0.01},
+    # (fused vs unfused: map error <= 3e-6, no flip at all over examples/pope)
+    "int8/engine": {"cosine": 0.999, "norm_ratio": 0.01, "real_flip_fraction": 0.0},
+    "fp8/engine": {"cosine": 0.999, "norm_ratio": 0.01, "real_flip_fraction": 0.0},
+    "int4/engine": {"cosine": 0.999, "norm_ratio": 0.01, "real_flip_fraction": 0.0},
     "report": {},  # numbers only (a quantized model against the float model: random tiny models exaggerate it)
 }
 _MASKED = -65504.0  # Chameleon masks image-token logits with finfo(dtype).min: -3.4e38 (fp32), -65504 (fp16)
