@@ -350,3 +350,18 @@ def test_a_prompt_beyond_the_llama_context_is_refused(gguf_dir):
         runner.generate(inputs, max_new_tokens=n_ctx)
     assert "fewer new tokens" in exc.value.fix
     assert runner.generate(inputs, max_new_tokens=2, stop_at_eos=False).tokens.shape == (1, 2)
+
+
+def test_a_hook_on_a_tensor_that_never_appears_fails_the_run(gguf_dir):
+    """A renamed tensor in a new llama.cpp must not make SCR a silent no-op: every hook of a pass has to fire, and
+    what the callback recorded is cleared after each pass."""
+    out, _ = gguf_dir("llava", "q8_0")
+    runner = LlamaCppVLM(out)
+    inputs = runner.encode([[make_image()]], ["Describe."])
+    embeds = runner.embed(inputs)
+    runner.llama.callback.handlers["l_out-999"] = lambda name, rows: None
+    with pytest.raises(SCRExportError, match=r"hooks on l_out-999 never fired"):
+        runner._hooked_prefill(inputs, embeds, want_logits=False)
+    assert runner.llama.callback.handlers == {} and runner.llama.callback.seen == []
+    res = runner.generate(inputs, max_new_tokens=2, stop_at_eos=False)  # the real hooks fire: no error
+    assert not res.plan.is_identity and runner.llama.callback.seen == []

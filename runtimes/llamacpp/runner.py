@@ -128,16 +128,28 @@ class LlamaCppVLM:
 
     def _hooked_prefill(self, inputs: VLMInputs, embeds: np.ndarray, want_logits: bool, active: bool = True):
         """One prefill of the prompt from an empty cache with the callback's handlers live (``active``); the
-        handlers are cleared afterwards, whatever happens."""
+        handlers and what the callback recorded are cleared afterwards, whatever happens. Every handler must have
+        fired: a tensor renamed in a new llama.cpp must not make SCR a silent no-op."""
         cb = self.llama.callback
         self.llama.reset()
+        cb.seen.clear()
+        expected = set(cb.handlers) if active else set()
         cb.active = active
         try:
-            return self.llama.decode_embeddings(embeds[0], want_logits=want_logits,
-                                                positions=self._positions(inputs)[0])
+            out = self.llama.decode_embeddings(embeds[0], want_logits=want_logits,
+                                               positions=self._positions(inputs)[0])
         finally:
             cb.active = False
             cb.handlers.clear()
+            fired = set(cb.seen)
+            cb.seen.clear()
+        missing = sorted(expected - fired)
+        if missing:
+            raise SCRExportError(f"the llama.cpp hooks on {', '.join(missing)} never fired during the prefill: this "
+                                 "llama.cpp does not name those tensors so, and SCR would silently do nothing",
+                                 "use the tested llama-cpp-python (see the README's versions), or report the "
+                                 "tensor names of this one")
+        return out
 
     def attention_maps(self, inputs: VLMInputs, embeds: np.ndarray, config: SCRConfig):
         cb = self.llama.callback
