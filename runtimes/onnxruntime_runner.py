@@ -12,10 +12,10 @@ from typing import Any
 
 import numpy as np
 
+from scr_export.attention_map import batch_maps
 from scr_export.config import SCRConfig
 from scr_export.errors import SCRExportError
 from scr_export.hostproc.model import HostModel
-from scr_export.attention_map import batch_maps
 from scr_export.manifest import QUANTIZED, read_manifest
 from scr_export.plan import SequencePlan, plan_sequence
 from scr_export.positions import vision_cu_seqlens, vision_positions
@@ -63,6 +63,12 @@ def check_one_onnxruntime() -> None:
         raise RuntimeUnavailable(f"both {have[0]} and {have[1]} are installed; they share the onnxruntime module",
                                  "keep one: pip uninstall -y onnxruntime onnxruntime-gpu && pip install "
                                  "onnxruntime-gpu==1.31.1 (CUDA) or onnxruntime==1.32.0 (CPU)")
+
+
+def _float_inputs(session) -> dict[str, Any]:
+    """A session's floating point inputs and the numpy type each takes (feeds are cast to it)."""
+    return {i.name: (np.float16 if i.type == "tensor(float16)" else np.float32)
+            for i in session.get_inputs() if "float" in i.type}
 
 
 def _x86() -> bool:
@@ -195,6 +201,7 @@ class OrtVLM:
         self.sessions = {}
         self._input_types: dict[str, dict[str, Any]] = {}
         self._tmp = None
+        self._engine = None  # the unfused twin (engine_reference), when asked for
         for name in self.manifest["graphs"]:
             self._session(GQA_DECODER if name == "decoder" and self.attention == "gqa" else name)
         if "decoder" in self.manifest["graphs"] and "decoder" not in self.sessions:
@@ -296,8 +303,7 @@ class OrtVLM:
             raise SCRExportError(f"ONNX Runtime cannot load {path.name}: {str(exc).splitlines()[0]}",
                                  "the file is damaged or incomplete: convert the model again") from None
         self.sessions[name] = session
-        self._input_types[name] = {i.name: (np.float16 if i.type == "tensor(float16)" else np.float32)
-                                   for i in session.get_inputs() if "float" in i.type}
+        self._input_types[name] = _float_inputs(session)
         return session
 
     def _rewritten(self, path: Path, edit) -> Path:
@@ -357,8 +363,9 @@ class OrtVLM:
         precision = self.manifest["precision"]
         if precision not in QUANTIZED or self.unfused:
             return None
-        return "engine", OrtVLM(self.dir, device=self.device, unfused=True, attention=self.attention), \
-            f"{precision}/engine"
+        if self._engine is None:  # loaded once: dataset validation asks for it per sample
+            self._engine = OrtVLM(self.dir, device=self.device, unfused=True, attention=self.attention)
+        return "engine", self._engine, f"{precision}/engine"
 
     def context_limit(self) -> tuple[int | None, str]:
         return getattr(self.family.text_config, "max_position_embeddings", None), "the model's positions"
@@ -511,11 +518,8 @@ class OrtVLM:
 
             path = self._rewritten(self.dir / self.manifest["graphs"]["decoder"]["file"],
                                    lambda m: expose_layer_outputs(m, self.num_layers))
-            self.sessions["decoder_layers"] = ort.InferenceSession(str(path), self._options("decoder")[0],
-                                                                   providers=self.providers)
-            self._input_types["decoder_layers"] = self._input_types.get("decoder") or {
-                i.name: (np.float16 if i.type == "tensor(float16)" else np.float32)
-                for i in self.sessions["decoder_layers"].get_inputs() if "float" in i.type}
+            session = ort.InferenceSession(str(path), self._options("decoder")[0], providers=self.providers)
+            self.sessions["decoder_layers"], self._input_types["decoder_layers"] = session, _float_inputs(session)
         batch, length = inputs.shape
         if not scr:
             plan = SequencePlan.identity(batch, length)

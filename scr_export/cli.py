@@ -434,7 +434,8 @@ class Validate(Command):
 
     def run(self, args):
         from .manifest import read_manifest
-        from .parity import validate_directory, write_report
+        from .parity import (compare_inputs, default_inputs, layer_parity, layer_table, open_for_validation,
+                             write_report)
         from .processing import load_image
 
         read_manifest(args.dir)  # clear errors before loading anything heavy
@@ -457,30 +458,24 @@ class Validate(Command):
         images = [[load_image(p) for p in args.image]] if args.image else None
         prompts = [args.prompt] if images else None
         _log("running the deployed model and the PyTorch reference ...")
-        report = validate_directory(args.dir, images=images, prompts=prompts, steps=args.steps, device=args.device,
-                                    runtime=args.runtime, attention=args.attention)
+        if images is None:
+            images, prompts = default_inputs()
+        runner, family = open_for_validation(args.dir, device=args.device, runtime=args.runtime,
+                                             attention=args.attention)  # once, for the report and --per-layer
+        inputs = runner.encode(images, prompts)
+        report = compare_inputs(runner, family, inputs, args.steps)
         print(_tables(report))
-        layers = self._per_layer(args, images, prompts) if args.per_layer else None
+        layers = None
+        if args.per_layer:
+            _log("per-layer hidden states ...")
+            layers = layer_parity(runner, family, inputs)
+            print(layer_table(layers))
         if args.plot:
             self._plot(args.plot, None, layers)
         if args.json:
             write_report(report, args.json, extra={"per_layer": layers} if layers else None)
             _log(f"report written to {args.json}")
         return 0 if _passed(report) else 1
-
-    @staticmethod
-    def _per_layer(args, images, prompts, runner=None, family=None):
-        from .parity import default_inputs, layer_parity, layer_table, open_for_validation
-
-        _log("per-layer hidden states (first sample) ...")
-        if runner is None:
-            runner, family = open_for_validation(args.dir, device=args.device, runtime=args.runtime,
-                                                 attention=args.attention)
-        if images is None:
-            images, prompts = default_inputs()
-        layers = layer_parity(runner, family, runner.encode(images[:1], prompts[:1]))
-        print(layer_table(layers))
-        return layers
 
     @staticmethod
     def _plot(path, report, layers):

@@ -9,9 +9,9 @@ from typing import Any
 
 import numpy as np
 
+from scr_export.attention_map import image_maps
 from scr_export.config import SCRConfig
 from scr_export.errors import SCRExportError
-from scr_export.attention_map import image_maps
 from scr_export.manifest import read_manifest
 from scr_export.plan import SequencePlan, plan_sequence
 from scr_export.processing import VLMInputs
@@ -46,6 +46,7 @@ class LlamaCppVLM:
             self.masked_ids = np.asarray(sorted(
                 int(v) for k, v in self.family.tokenizer.get_vocab().items() if k.startswith("IMGIMG")), np.int64)
         self.mtmd = None
+        self._dequantized = None  # (reference family, its dequantized twin): engine_reference, built once
         if g.get("mmproj"):
             from .mmproj import MtmdImages
 
@@ -66,12 +67,11 @@ class LlamaCppVLM:
         from .quirks import apply_quirks
 
         g = self.manifest["gguf"]
-        cached = self.__dict__.get("_dequantized")
-        if cached is None or cached[0] is not family:  # built once per reference family (dataset validation)
+        if self._dequantized is None or self._dequantized[0] is not family:  # once per family (dataset validation)
             deq = dequantized_model(family, self.dir / g["file"], g["qk_permuted"])
             apply_quirks(deq, g["architecture"])
-            self._dequantized = cached = (family, deq)
-        deq = cached[1]
+            self._dequantized = (family, deq)
+        deq = self._dequantized[1]
         same_images = None
         if self.mtmd is not None:
             features = self.image_features(inputs)
@@ -185,11 +185,7 @@ class LlamaCppVLM:
         for i in range(self.family.num_layers):
             cb.handlers[f"l_out-{i}"] = capture(i, cb.handlers.get(f"l_out-{i}"))
         # logits for every position: llama.cpp otherwise computes the last layer for the output rows only
-        self._hooked_prefill(inputs, embeds, want_logits=True)
-        missing = [i for i in range(self.family.num_layers) if i not in states]
-        if missing:
-            raise SCRExportError(f"l_out of layers {missing} never reached the eval callback",
-                                 "this llama.cpp names its tensors differently: report it with its version")
+        self._hooked_prefill(inputs, embeds, want_logits=True)  # fails if any l_out-L never fired
         return np.stack([states[i] for i in range(self.family.num_layers)])
 
     def generate(self, inputs: VLMInputs, *, scr: bool = True, max_new_tokens: int = 32,
