@@ -16,8 +16,25 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-PRESET_FORMAT = 6  # bump when a builder changes, so cached presets are rebuilt
+PRESET_FORMAT = 7  # bump when a builder changes, so cached presets are rebuilt
 SEED = 0
+
+# The chat templates of the real checkpoints' tokenizers, in short (llama.cpp's tools read them from the GGUF):
+# ChatML with vision markers (Qwen2-VL; InternVL2's Qwen2 chat), and llava-hf's "USER: <image>\n... ASSISTANT:".
+CHATML_VISION = (
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}<|im_start|>system\n"
+    "You are a helpful assistant.<|im_end|>\n{% endif %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] in ('image', 'image_url') %}{{ IMAGE }}{% elif part['type'] == 'text' %}{{ part['text'] }}"
+    "{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+LLAVA_CHAT = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] != 'system' %}"
+    "{{ message['role'].upper() + ': ' }}{% endif %}{% if message['content'] is string %}"
+    "{{ message['content'] + ' ' }}{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] in ('image', 'image_url') %}{{ '<image>\n' }}{% elif part['type'] == 'text' %}"
+    "{{ part['text'] + ' ' }}{% endif %}{% endfor %}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +60,8 @@ def _llava(image_size: int, patch: int, vision: dict, text: dict, scr: dict):
 
     from .tokenizer import build_byte_tokenizer
 
-    tok = build_byte_tokenizer(["<image>"], {"image_token": "<image>"}, add_bos=True)  # LLaVA-1.5's Llama tokenizer
+    tok = build_byte_tokenizer(["<image>"], {"image_token": "<image>"}, add_bos=True,  # LLaVA-1.5's Llama tokenizer
+                               chat_template=LLAVA_CHAT)
     cfg = T.LlavaConfig(
         vision_config=T.CLIPVisionConfig(image_size=image_size, patch_size=patch, **vision),
         text_config=T.LlamaConfig(**_text(tok, **text)), image_token_id=tok.image_token_id,
@@ -73,7 +91,9 @@ def build_tiny_qwen2_vl():
 
     sp = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
     tok = build_byte_tokenizer(sp, {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
-                                    "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"})
+                                    "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"},
+                               chat_template=CHATML_VISION.replace("{{ IMAGE }}",
+                                                                   "<|vision_start|><|image_pad|><|vision_end|>"))
     ids = tok.convert_tokens_to_ids
     cfg = T.Qwen2VLConfig(
         text_config=_text(tok, rms_norm_eps=1e-6,  # Qwen2-VL's own value
@@ -97,7 +117,8 @@ def build_tiny_internvl():
 
     named = {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
              "video_token": "<video>"}
-    tok = build_byte_tokenizer(["<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>"], named)
+    tok = build_byte_tokenizer(["<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>"], named,
+                               chat_template=CHATML_VISION.replace("{{ IMAGE }}", "<image>\n"))
     vision = T.InternVLVisionConfig(image_size=96, patch_size=8, hidden_size=32, intermediate_size=64,
                                     num_hidden_layers=2, num_attention_heads=2)
     cfg = T.InternVLConfig(vision_config=vision, text_config=T.Qwen2Config(**_text(tok)),

@@ -9,6 +9,7 @@ from typing import Any
 
 from scr_export.errors import SCRExportError
 
+from .gguf_vocab import check_tokenizer
 from .gguf_writer import TEXT_ARCH, write_text_gguf
 from .quantize import PRECISION_OF, QUANT_TYPES, quantize, tensor_types
 from .quirks import quirks_for
@@ -63,6 +64,16 @@ def convert_to_gguf(model: str, out: str | Path, *, quant: str = "q8_0", config_
         progress(f"[3/5] writing the decoder as GGUF (f32) and quantizing to {quant} with llama.cpp")
         f32 = raw / "model-f32.gguf"
         info = write_text_gguf(fam, f32)
+        tokenizer_check = check_tokenizer(f32, fam.tokenizer)
+        tk = info["tokenizer"]
+        progress(f"      vocabulary: {tk['kind']}, llama.cpp model {tk['model']!r}, pre {tk['pre']!r}; llama.cpp "
+                 f"tokenises {tokenizer_check['identical']}/{tokenizer_check['strings']} probe strings as the "
+                 "checkpoint does")
+        if tokenizer_check["first_mismatch"]:
+            m = tokenizer_check["first_mismatch"]
+            progress(f"      WARNING: llama.cpp's own tools would tokenise {m['text']!r} differently "
+                     f"({m['llama_cpp']} vs {m['checkpoint']}); scr-export's runner is unaffected (it tokenises "
+                     "with tokenizer.json)")
         for quirk in quirks_for(info["architecture"]):
             progress(f"      note: {quirk}; the float comparison will show it")
         gguf_name = f"model-{quant}.gguf"
@@ -81,7 +92,8 @@ def convert_to_gguf(model: str, out: str | Path, *, quant: str = "q8_0", config_
                      "n_head": fam.text_config.num_attention_heads, "n_ctx": 4096,
                      "kv_cache": "f32", "flash_attention": False,
                      "known_deviations": quirks_for(info["architecture"]),
-                     "mmproj": "mmproj-f32.gguf" if use_mmproj else None},
+                     "mmproj": "mmproj-f32.gguf" if use_mmproj else None,
+                     "tokenizer": {**tk, "check": tokenizer_check}},
             "graphs": host_graphs(fam),
             "parity": None,
         }

@@ -1,8 +1,8 @@
-"""Write a VLM's language decoder as a GGUF file with gguf-py (no llama.cpp converter, no tokenizer hash checks).
+"""Write a VLM's language decoder as a GGUF file with gguf-py (the decoder's tensors and hyper-parameters).
 
-The tokenizer travels beside the GGUF (the runner tokenizes with it and feeds ids), so the GGUF vocabulary only has
-to give llama.cpp the right size and special ids. Supported text architectures: Llama (LLaVA-1.5) and Qwen2
-(InternVL2); the rotary layout follows llama.cpp's: Llama's Q/K rows are permuted to its adjacent-pair rotation.
+The vocabulary is the checkpoint's tokenizer as llama.cpp's converter writes it (``gguf_vocab``), so llama.cpp's own
+tools run the file; scr-export's runner tokenises with ``tokenizer.json`` beside it and feeds ids. Text
+architectures: Llama (LLaVA-1.5), Qwen2 (InternVL2), Qwen2-VL (M-RoPE) and Chameleon; the rotary layout follows llama.cpp's: Llama's Q/K rows are permuted to its adjacent-pair rotation.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 
 from scr_export.errors import SCRExportError
+
+from .gguf_vocab import write_vocabulary
 
 # family -> (GGUF architecture, whether Q/K rows are permuted for llama.cpp's NORM rope)
 TEXT_ARCH = {"llava": ("llama", True), "internvl": ("qwen2", False), "qwen2_vl": ("qwen2vl", False),
@@ -65,26 +67,7 @@ def write_text_gguf(family: Any, path: str | Path) -> dict[str, Any]:
         sections = list(rope.get("mrope_section") or [])
         w.add_rope_dimension_sections((sections + [0, 0, 0, 0])[:4])
     w.add_file_type(gguf.LlamaFileType.ALL_F32)
-    tok = family.tokenizer
-    vocab = tc.vocab_size
-    tokens, types = [], []
-    for i in range(vocab):
-        t = tok.convert_ids_to_tokens(i)
-        tokens.append(t if t is not None else f"<unused{i}>")
-        types.append(gguf.TokenType.CONTROL if i in tok.all_special_ids else gguf.TokenType.NORMAL)
-    # An SPM-typed vocabulary needs no merges; llama.cpp only uses it for sizes and special ids here, since the
-    # runner tokenizes with the checkpoint's own tokenizer and feeds ids / embeddings.
-    w.add_tokenizer_model("llama")
-    w.add_token_list(tokens)
-    w.add_token_scores([0.0] * vocab)
-    w.add_token_types(types)
-    if tok.bos_token_id is not None:
-        w.add_bos_token_id(tok.bos_token_id)
-    if tok.eos_token_id is not None:
-        w.add_eos_token_id(tok.eos_token_id)
-    if tok.pad_token_id is not None:
-        w.add_pad_token_id(tok.pad_token_id)
-    w.add_add_bos_token(False)
+    vocab = write_vocabulary(w, family.tokenizer, family.path, family.name, tc.vocab_size)
 
     w.add_tensor("token_embd.weight", state["embed_tokens.weight"])
     for i in range(tc.num_hidden_layers):
@@ -120,4 +103,4 @@ def write_text_gguf(family: Any, path: str | Path) -> dict[str, Any]:
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    return {"architecture": arch, "qk_permuted": permute, "vocab": vocab}
+    return {"architecture": arch, "qk_permuted": permute, "vocab": tc.vocab_size, "tokenizer": vocab}
