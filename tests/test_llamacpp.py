@@ -345,7 +345,7 @@ def test_a_prompt_beyond_the_llama_context_is_refused(gguf_dir):
     out, _ = gguf_dir("llava", "q8_0")
     runner = LlamaCppVLM(out)
     inputs = runner.encode([[make_image()]], ["Describe."])
-    n_ctx = runner.llama.n_ctx
+    n_ctx = runner.n_ctx
     with pytest.raises(SCRExportError, match=rf"exceed the llama.cpp context \(n_ctx\) \({n_ctx}\)") as exc:
         runner.generate(inputs, max_new_tokens=n_ctx)
     assert "fewer new tokens" in exc.value.fix
@@ -365,3 +365,94 @@ def test_a_hook_on_a_tensor_that_never_appears_fails_the_run(gguf_dir):
     assert runner.llama.callback.handlers == {} and runner.llama.callback.seen == []
     res = runner.generate(inputs, max_new_tokens=2, stop_at_eos=False)  # the real hooks fire: no error
     assert not res.plan.is_identity and runner.llama.callback.seen == []
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_the_cut_diagnostic_pass_gives_the_full_passs_maps_and_leaks_nothing_into_the_scr_prefill(family, gguf_dir):
+    """The diagnostic pass stops after the last diagnostic layer's attention: the maps are bit-equal to a whole
+    prefill's, the SCR prefill and decode that follow are bit-equal too, and the graph really stopped (a hook on the
+    last layer never fires)."""
+    out, _ = gguf_dir(family, "q8_0")
+    runner = LlamaCppVLM(out)
+    inputs = runner.encode([[make_image()]], ["Describe."])
+    embeds = runner.embed(inputs)
+    cfg = runner.config.clamped(runner.family.num_layers)
+
+    def run():
+        maps = runner.attention_maps(inputs, embeds, cfg)[0]
+        res = runner.generate(inputs, max_new_tokens=3, keep_prefill_logits=True, stop_at_eos=False)
+        return maps, res
+
+    runner.cut_diagnostic = False
+    full_maps, full = run()
+    runner.cut_diagnostic = True
+    cut_maps, cut = run()
+    for a, b in zip(full_maps, cut_maps):
+        assert a is not None and np.array_equal(a, b)  # one credit map per image, float64
+    assert np.array_equal(full.prefill_logits, cut.prefill_logits)
+    assert all(np.array_equal(a, b) for a, b in zip(full.logits, cut.logits))
+    assert np.array_equal(full.tokens, cut.tokens)
+
+    last_diag = max(cfg.diag_layer_indices())
+    assert last_diag < runner.family.num_layers - 1  # the presets diagnose early layers: there is a rest to cut
+    runner.callback.handlers.clear()
+    AttentionCollector(runner.callback, cfg, inputs.shape[1], runner.n_head)
+    runner.callback.handlers[f"l_out-{runner.family.num_layers - 1}"] = lambda name, rows: None
+    with pytest.raises(SCRExportError, match=rf"l_out-{runner.family.num_layers - 1} never fired"):
+        runner._hooked_prefill(inputs, embeds, want_logits=False, stop_after=f"kq_soft_max-{last_diag}")
+
+
+def test_decoding_runs_in_a_context_without_callback_and_matches_decoding_in_the_hooked_one(gguf_dir):
+    """The prompt's KV cache (SCR edits included) moves from the hooked context to a plain one: the decode steps
+    there give the logits the hooked context gives, bit for bit, without ggml asking Python about every node."""
+    out, _ = gguf_dir("qwen2_vl", "q8_0")  # M-RoPE positions travel with the cells
+    runner = LlamaCppVLM(out)
+    assert runner.decoder.callback is None and runner.llama.callback is runner.callback
+    inputs = runner.encode([[make_image()]], ["Describe."])
+    res = runner.generate(inputs, max_new_tokens=4, stop_at_eos=False)
+    # the same request decoded where it was prefilled (the path before the plain context)
+    embeds = runner.embed(inputs)
+    install_redistribution(runner.callback, runner.config.clamped(runner.family.num_layers), res.plan.donor[0],
+                           res.plan.scale[0], res.plan.weight[0])
+    logits = runner._hooked_prefill(inputs, embeds, want_logits=True)
+    hooked = [logits[-1]]
+    first = runner._row(inputs, 0)[2]
+    for step, tok in enumerate(res.tokens[0, :-1].tolist()):
+        hooked.append(runner.llama.decode_token(tok, first + step))
+    for a, b in zip(res.logits, hooked):
+        assert np.array_equal(a[0], b.astype(np.float32))
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_batch_of_two_with_two_images_in_one_prompt_matches_the_reference(family, gguf_dir):
+    """Batch 2, the second prompt with two images: llama.cpp runs one sequence per prompt, and the plan, tokens and
+    prefill logits match the PyTorch reference on the GGUF's weights (the same gates as ONNX Runtime's batch test).
+    Qwen2-VL takes its images through libmtmd, so the reference is fed libmtmd's features."""
+    out, _ = gguf_dir(family, "f32")
+    runner = LlamaCppVLM(out)
+    # the float model: the reference with llama.cpp's Qwen2-VL quirk (RMS eps 0) turns padded rows into NaN, so
+    # Qwen2-VL is held to the float bound of the f32 test (5e-3, the quirk's size) instead of 1e-4
+    vlm = load(TINY_PRESETS[family])
+    bound = 5e-3 if family == "qwen2_vl" else 1e-4
+    images = [[make_image(168, 140, seed=11)], [make_image(224, 112, seed=12), make_image(112, 112, seed=13)]]
+    inputs = runner.encode(images, ["A long question about the picture, please answer it?", "Compare them."])
+    assert inputs.shape[0] == 2 and len(inputs.layouts[1]) == 2
+    mask = inputs.array("attention_mask")
+    assert mask[0].sum() != mask[1].sum()  # really padded
+    same_images = (image_features_override(vlm, runner.image_features(inputs)) if runner.mtmd is not None
+                   else contextlib.nullcontext())
+    with same_images:
+        ref = generate(vlm, inputs.to("cpu"), runner.config, max_new_tokens=6, stop_at_eos=False,
+                       keep_prefill_logits=True)
+    got = runner.generate(inputs, max_new_tokens=6, stop_at_eos=False, keep_prefill_logits=True)
+    assert len(got.plan.images) == 3 and all(p.skipped is None for p in got.plan.images)
+    assert np.array_equal(got.plan.donor, ref.plan.donor)
+    assert got.tokens.tolist() == ref.tokens.tolist()
+    real = mask.astype(bool)
+    ref_prefill = np.asarray(ref.prefill_logits, np.float32)
+    diff = np.abs(got.prefill_logits - ref_prefill)[real]
+    assert diff.max() / np.abs(ref_prefill[real]).max() <= bound
+    # each row equals that prompt run alone: nothing of one sequence reaches the next
+    alone = runner.generate(runner.encode(images[1:], ["Compare them."]), max_new_tokens=6, stop_at_eos=False)
+    assert alone.tokens.tolist() == got.tokens[1:].tolist()
+    assert np.array_equal(alone.logits[-1][0], got.logits[-1][1])

@@ -1,4 +1,5 @@
-"""A llama.cpp model + context set up for parity: f32 KV cache, flash attention off, one micro-batch per prompt."""
+"""llama.cpp contexts set up for parity: f32 KV cache, flash attention off, one micro-batch per prompt; a hooked
+context hands its prompt's KV cache to a plain one (no eval callback) for decoding."""
 
 from __future__ import annotations
 
@@ -30,10 +31,17 @@ def _silence_llama_logs() -> None:
 
 
 class LlamaContext:
-    """One model, one context with an :class:`EvalCallback`; sequences up to ``n_ctx`` tokens, prefill in one ubatch."""
+    """One model and one context; sequences up to ``n_ctx`` tokens, a prefill in one micro-batch of up to
+    ``n_ubatch`` rows (default ``n_ctx``: all image rows must meet in one micro-batch for SCR).
 
-    def __init__(self, gguf_path: str | Path, n_ctx: int = 2048, threads: int | None = None, gpu_layers: int = 0,
-                 with_callback: bool = True):
+    ``callback``: the :class:`EvalCallback` whose hooks run during decodes (None: a plain context, as stock llama.cpp
+    runs; there is no way to remove an eval callback from a live context). ``share_model_of``: another context
+    whose loaded model this one uses (weights once, a KV cache each); the first context owns and frees the model.
+    """
+
+    def __init__(self, gguf_path: str | Path | None = None, n_ctx: int = 2048, threads: int | None = None,
+                 gpu_layers: int = 0, with_callback: bool = True, *, callback: EvalCallback | None = None,
+                 share_model_of: LlamaContext | None = None, n_ubatch: int | None = None):
         try:
             import llama_cpp
         except ImportError:
@@ -43,18 +51,23 @@ class LlamaContext:
         self.lc = lc = llama_cpp
         _silence_llama_logs()
         lc.llama_backend_init()
-        mp = lc.llama_model_default_params()
-        mp.n_gpu_layers = gpu_layers
-        self.model = lc.llama_model_load_from_file(str(gguf_path).encode(), mp)
-        if not self.model:
-            raise SCRExportError(f"llama.cpp cannot load {gguf_path}", "the GGUF file is damaged: convert again")
-        self.callback = EvalCallback()
+        self.owns_model = share_model_of is None
+        self._owner = share_model_of  # keeps the model's owner alive (and its model loaded) while this context lives
+        if share_model_of is not None:
+            self.model = share_model_of.model
+        else:
+            mp = lc.llama_model_default_params()
+            mp.n_gpu_layers = gpu_layers
+            self.model = lc.llama_model_load_from_file(str(gguf_path).encode(), mp)
+            if not self.model:
+                raise SCRExportError(f"llama.cpp cannot load {gguf_path}", "the GGUF file is damaged: convert again")
+        self.callback = (callback or EvalCallback()) if with_callback else None
         cp = lc.llama_context_default_params()
         cp.n_ctx = n_ctx
-        cp.n_batch = cp.n_ubatch = n_ctx  # all image rows must be in one micro-batch for SCR
+        cp.n_batch = cp.n_ubatch = min(n_ubatch or n_ctx, n_ctx)
         cp.type_k = cp.type_v = 0  # GGML_TYPE_F32: the default F16 cache costs ~7e-3 on logits
         cp.flash_attn_type = 0  # off: flash attention has no kq_soft_max node for the diagnostic pass
-        if with_callback:  # without it: plain llama.cpp, for overhead measurements
+        if self.callback is not None:
             cp.cb_eval = self.callback.cfunc
             cp.cb_eval_user_data = None
         if threads:
@@ -67,6 +80,20 @@ class LlamaContext:
         self.n_vocab = lc.llama_vocab_n_tokens(self.vocab)
         self.n_embd = lc.llama_model_n_embd(self.model)
         self.n_past = 0
+
+    def copy_state_to(self, other: LlamaContext) -> int:
+        """Move sequence 0's KV cells (positions, M-RoPE included) into ``other``, which continues from here
+        exactly as this context would (same model, same f32 cache types); returns the bytes copied."""
+        lc = self.lc
+        size = lc.llama_state_seq_get_size(self.ctx, 0)
+        buf = (ctypes.c_uint8 * size)()
+        got = lc.llama_state_seq_get_data(self.ctx, buf, size, 0)
+        other.reset()
+        if got != size or lc.llama_state_seq_set_data(other.ctx, buf, size, 0) != size:
+            raise SCRExportError("llama.cpp could not move the prompt's KV cache between contexts",
+                                 "both contexts must load the same model with the same cache types")
+        other.n_past = self.n_past
+        return size
 
     def reset(self) -> None:
         self.lc.llama_memory_clear(self.lc.llama_get_memory(self.ctx), True)
@@ -82,7 +109,8 @@ class LlamaContext:
 
     def _decode(self, batch) -> None:
         rc = self.lc.llama_decode(self.ctx, batch)
-        self.callback.check()  # a hook error beats the return code: the outputs are not to be trusted
+        if self.callback is not None:
+            self.callback.check()  # a hook error beats the return code: the outputs are not to be trusted
         if rc != 0:
             raise SCRExportError(f"llama_decode failed (rc={rc})", "the prompt may exceed the context size")
 
@@ -147,7 +175,8 @@ class LlamaContext:
             self.lc.llama_free(self.ctx)
             self.ctx = None
         if getattr(self, "model", None):
-            self.lc.llama_model_free(self.model)
+            if self.owns_model:
+                self.lc.llama_model_free(self.model)
             self.model = None
 
     def __del__(self):

@@ -65,6 +65,10 @@ class EvalCallback:
         self.active = False
         self.errors: list[BaseException] = []
         self.seen: list[str] = []
+        # after this tensor's handler, decline it: the scheduler then stops computing the graph (ggml-backend's
+        # compute_splits breaks out when the callback returns False for data it asked for); the pass's outputs and
+        # the KV cells of later layers are garbage and must be discarded, as the diagnostic pass does
+        self.stop_after: str | None = None
         self.cfunc = llama_cpp.ggml_backend_sched_eval_callback(self._callback)  # keep alive with this object
 
     def _callback(self, tensor, ask, user_data):
@@ -87,7 +91,7 @@ class EvalCallback:
                 if out.size != n:
                     raise DecodeCallbackError(f"handler for {name} returned {out.size} values for a tensor of {n}")
                 g.ggml_backend_tensor_set(tensor, out.ctypes.data, 0, out.nbytes)
-            return True
+            return name != self.stop_after
         except BaseException as exc:  # never let ggml see a failure: it would truncate the graph silently
             self.errors.append(exc)
             return True

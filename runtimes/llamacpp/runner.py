@@ -1,5 +1,6 @@
-"""Run a GGUF directory: image + prompt -> (our ONNX vision encoder) -> llama.cpp diagnostic pass through the eval
-callback -> host plan -> llama.cpp prefill with SCR edits at ``l_out-L`` -> greedy decoding (no hooks)."""
+"""Run a GGUF directory: image + prompt -> (our ONNX vision encoder or libmtmd) -> llama.cpp diagnostic pass through
+the eval callback, stopped after the last diagnostic layer -> host plan -> llama.cpp prefill with SCR edits at
+``l_out-L`` -> the prompt's KV cache moved to a context without any callback -> greedy decoding at plain cost."""
 
 from __future__ import annotations
 
@@ -18,8 +19,13 @@ from scr_export.processing import VLMInputs
 
 from ..onnxruntime_runner import OrtResult, OrtVLM
 from .context import LlamaContext
+from .eval_callback import EvalCallback
 from .quirks import fix_logits
 from .scr_hooks import AttentionCollector, install_redistribution
+
+
+PREFILL_CONTEXT = 512  # the hooked context's first size (grown in steps of 256 for longer prompts)
+DECODE_UBATCH = 512  # the decoding context never prefills: llama.cpp's default micro-batch (64 measured 3 % slower per step)
 
 
 class LlamaCppVLM:
@@ -37,8 +43,16 @@ class LlamaCppVLM:
         self.config = SCRConfig.from_dict(self.manifest["scr"])
         g = self.manifest["gguf"]
         self.n_head = int(g["n_head"])
-        self.llama = LlamaContext(self.dir / (gguf_file or g["file"]), n_ctx=int(g["n_ctx"]), threads=threads,
-                                  gpu_layers=gpu_layers)
+        self.n_ctx = int(g["n_ctx"])
+        self.threads = threads
+        # decoding: a context without an eval callback (the callback cannot be removed from a live context, and
+        # ggml asks it about every node of every step); it owns the model and holds the whole sequence
+        self.decoder = LlamaContext(self.dir / (gguf_file or g["file"]), n_ctx=self.n_ctx, threads=threads,
+                                    gpu_layers=gpu_layers, with_callback=False, n_ubatch=DECODE_UBATCH)
+        self.callback = EvalCallback()
+        # the prefill (diagnostic and SCR passes): a hooked context sized to the prompt, grown on demand
+        self.llama = self._prefill_context(PREFILL_CONTEXT)
+        self.cut_diagnostic = True  # stop the diagnostic pass after its last layer (False: the whole prefill)
         self.provider = "llama.cpp " + ("CPU" if gpu_layers == 0 else f"GPU ({gpu_layers} layers offloaded)")
         self.architecture = g["architecture"]
         self.masked_ids = None
@@ -50,7 +64,20 @@ class LlamaCppVLM:
         if g.get("mmproj"):
             from .mmproj import MtmdImages
 
-            self.mtmd = MtmdImages(self.dir / g["mmproj"], self.llama.model, threads=threads or 2)
+            self.mtmd = MtmdImages(self.dir / g["mmproj"], self.decoder.model, threads=threads or 2)
+
+    def _prefill_context(self, length: int) -> LlamaContext:
+        """The hooked context, with room for ``length`` positions in one micro-batch (rebuilt larger when a longer
+        prompt comes: its KV cache and attention buffers scale with the prompt, not with n_ctx)."""
+        current = getattr(self, "llama", None)
+        if current is not None and current.n_ctx >= length:
+            return current
+        size = min(self.n_ctx, -(-max(length, PREFILL_CONTEXT) // 256) * 256)
+        if current is not None:
+            current.close()
+        self.llama = LlamaContext(n_ctx=size, threads=self.threads, callback=self.callback,
+                                  share_model_of=self.decoder)
+        return self.llama
 
     # -- the runtime interface (runtimes.registry.VLMRuntime) ----------------------------------------------------
     def float_gate(self) -> str:
@@ -94,7 +121,7 @@ class LlamaCppVLM:
                     from PIL import Image
 
                     image = image.convert("RGB").resize(size, Image.BICUBIC)
-                f, rows, cols = self.mtmd.embed(image, self.llama.n_embd)
+                f, rows, cols = self.mtmd.embed(image, self.decoder.n_embd)
                 grids = [(g.rows, g.cols) for g in span.grids]
                 if grids != [(rows, cols)]:
                     raise SCRExportError(f"libmtmd made a {rows}x{cols} token grid where the processor made {grids}",
@@ -113,33 +140,43 @@ class LlamaCppVLM:
         return embeds
 
     def encode(self, images: Sequence[Sequence[Any]], prompts: Sequence[str]) -> VLMInputs:
-        inputs = self.images.encode(images, prompts)
-        if inputs.shape[0] != 1:
-            raise SCRExportError("the llama.cpp runner takes one prompt at a time", "pass a single prompt")
-        return inputs
+        """Any number of prompts, any number of images each (left-padded like every runtime's); llama.cpp runs them
+        one sequence per prompt."""
+        return self.images.encode(images, prompts)
 
-    def _positions(self, inputs: VLMInputs) -> tuple[np.ndarray | None, int | None]:
-        """M-RoPE rows [3, T] for Qwen2-VL and its first generated token's position (numpy, once per request);
-        None, None for 1-D positions 0..T-1."""
+    def _row(self, inputs: VLMInputs, b: int) -> tuple[int, np.ndarray | None, int | None]:
+        """Row ``b``'s first real position (rows are left-padded), its M-RoPE rows [3, n] (None for 1-D positions
+        0..n-1) and the position of its first generated token."""
+        mask = inputs.array("attention_mask")[b].astype(bool)
+        off = int(np.argmax(mask)) if mask.any() else mask.size
+        if off == mask.size or not mask[off:].all():
+            raise SCRExportError(f"prompt {b} is not left-padded (mask {mask.astype(int).tolist()[:16]}...)",
+                                 "encode prompts with the runner's encode(), which pads on the left")
         if not self.family.uses_mrope:
-            return None, None
+            return off, None, None
         prefill, first = self.images.positions(inputs)
-        return prefill[:, 0], int(first[0, 0, 0])
+        return off, prefill[:, b, off:], int(first[0, b, 0])
 
-    def _hooked_prefill(self, inputs: VLMInputs, embeds: np.ndarray, want_logits: bool, active: bool = True):
-        """One prefill of the prompt from an empty cache with the callback's handlers live (``active``); the
-        handlers and what the callback recorded are cleared afterwards, whatever happens. Every handler must have
-        fired: a tensor renamed in a new llama.cpp must not make SCR a silent no-op."""
-        cb = self.llama.callback
-        self.llama.reset()
+    def _hooked_prefill(self, inputs: VLMInputs, embeds: np.ndarray, want_logits: bool, active: bool = True,
+                        stop_after: str | None = None, row: int = 0):
+        """One prefill of prompt ``row`` (its real positions only) from an empty cache in the hooked context, with
+        the callback's handlers live (``active``); ``stop_after``: a tensor after whose handler the graph stops (its
+        outputs are then garbage). The handlers and what the callback recorded are cleared afterwards, whatever
+        happens. Every handler must have fired: a tensor renamed in a new llama.cpp must not make SCR a silent
+        no-op."""
+        cb = self.callback
+        off, positions, _ = self._row(inputs, row)
+        llama = self._prefill_context(inputs.shape[1] - off)
+        llama.reset()
         cb.seen.clear()
         expected = set(cb.handlers) if active else set()
         cb.active = active
+        cb.stop_after = stop_after
         try:
-            out = self.llama.decode_embeddings(embeds[0], want_logits=want_logits,
-                                               positions=self._positions(inputs)[0])
+            out = llama.decode_embeddings(embeds[row, off:], want_logits=want_logits, positions=positions)
         finally:
             cb.active = False
+            cb.stop_after = None
             cb.handlers.clear()
             fired = set(cb.seen)
             cb.seen.clear()
@@ -152,27 +189,50 @@ class LlamaCppVLM:
         return out
 
     def attention_maps(self, inputs: VLMInputs, embeds: np.ndarray, config: SCRConfig):
-        cb = self.llama.callback
-        cb.handlers.clear()
-        collector = AttentionCollector(cb, config, inputs.shape[1], self.n_head)
-        self._hooked_prefill(inputs, embeds, want_logits=False)
-        return [image_maps(collector.result(), inputs.array("input_ids")[0], inputs.array("attention_mask")[0],
-                           inputs.layouts[0])]
+        """The diagnostic pass, one prompt after another: head-mean attention rows of the diagnostic layers, the
+        graph stopped right after the last one (no later layer, no logits: the pass costs about (last diagnostic
+        layer + 1) / layers of a prefill); its KV cells are cleared before the next prefill. Maps per prompt and
+        image, in the batch's padded positions (as every runtime hands them to the plan)."""
+        batch, length = inputs.shape
+        ids, mask = inputs.array("input_ids"), inputs.array("attention_mask")
+        maps = []
+        for b in range(batch):
+            off = self._row(inputs, b)[0]
+            cb = self.callback
+            cb.handlers.clear()
+            collector = AttentionCollector(cb, config, length - off, self.n_head)
+            last = f"kq_soft_max-{collector.layers[-1]}" if self.cut_diagnostic and collector.layers else None
+            self._hooked_prefill(inputs, embeds, want_logits=False, stop_after=last, row=b)
+            self.llama.reset()  # nothing of a cut pass may reach a later decode in this context
+            rows = collector.result()
+            padded = np.zeros((rows.shape[0], length, length), rows.dtype)  # padding attends and is attended to nil
+            padded[:, off:, off:] = rows
+            maps.append(image_maps(padded, ids[b], mask[b], inputs.layouts[b]))
+        return maps
+
+    def _install_plan(self, config: SCRConfig, plan: SequencePlan, b: int, off: int) -> None:
+        """Row ``b`` of the batch plan (padded positions) as the hooks of its own sequence (positions from 0)."""
+        self.callback.handlers.clear()
+        donor = plan.donor[b, off:] - off
+        if (donor < 0).any():
+            raise SCRExportError(f"the plan of prompt {b} moves credit from a padding position",
+                                 "plan from the runner's own encode() of this batch")
+        install_redistribution(self.callback, config, donor, plan.scale[b, off:], plan.weight[b, off:])
 
     def layer_states(self, inputs: VLMInputs, *, scr: bool = True, plan: SequencePlan | None = None,
                      config: SCRConfig | None = None) -> np.ndarray:
-        """The hidden state after every decoder layer at the prefill, [layers, T, D] float32: ``l_out-L`` through
-        the eval callback, after the SCR edit where a layer has one (``plan``, or the runner's own)."""
+        """The hidden state after every decoder layer at the prefill of the first prompt, [layers, T, D] float32
+        (its real positions): ``l_out-L`` through the eval callback, after the SCR edit where a layer has one
+        (``plan``, or the runner's own)."""
         config = (config or self.config).clamped(self.family.num_layers)
-        length = inputs.shape[1]
+        batch, length = inputs.shape
         embeds = self.embed(inputs)
         if not scr:
-            plan = SequencePlan.identity(1, length)
+            plan = SequencePlan.identity(batch, length)
         elif plan is None:
             plan = plan_sequence(inputs.layouts, self.attention_maps(inputs, embeds, config), length, config)
-        cb = self.llama.callback
-        cb.handlers.clear()
-        install_redistribution(cb, config, plan.donor[0], plan.scale[0], plan.weight[0])
+        self._install_plan(config, plan, 0, self._row(inputs, 0)[0])
+        cb = self.callback
         states: dict[int, np.ndarray] = {}
 
         def capture(layer, edit):
@@ -192,37 +252,63 @@ class LlamaCppVLM:
                  plan: SequencePlan | None = None, config: SCRConfig | None = None,
                  forced_tokens: Sequence[Sequence[int]] | None = None, keep_prefill_logits: bool = False,
                  stop_at_eos: bool = True) -> OrtResult:
+        """Greedy decoding of every prompt of the batch, one llama.cpp sequence after another, with the same plan,
+        tokens and logits layout as the other runtimes (padded positions; a prompt that ended early gets the pad
+        token, and zero logits, until the batch ends)."""
         from runtimes.registry import check_context
 
         config = (config or self.config).clamped(self.family.num_layers)
         fam = self.family
-        length = inputs.shape[1]
+        batch, length = inputs.shape
         steps = max_new_tokens if forced_tokens is None else len(forced_tokens[0])
-        check_context(length, steps, self.llama.n_ctx, "the llama.cpp context (n_ctx)")
+        check_context(length, steps, self.n_ctx, "the llama.cpp context (n_ctx)")
         embeds = self.embed(inputs)
         maps: list = []
         if not scr:
-            plan = SequencePlan.identity(1, length)
+            plan = SequencePlan.identity(batch, length)
         elif plan is None:
             maps = self.attention_maps(inputs, embeds, config)
             plan = plan_sequence(inputs.layouts, maps, length, config)
             plan.attention = maps
-        cb = self.llama.callback
-        cb.handlers.clear()
-        install_redistribution(cb, config, plan.donor[0], plan.scale[0], plan.weight[0])
-        # no hook at all for an identity plan: bit-identical to plain llama.cpp
-        logits = self._hooked_prefill(inputs, embeds, want_logits=True, active=not plan.is_identity)
-        fix_logits(self.architecture, logits, self.masked_ids)
-        first_position = self._positions(inputs)[1]
-        prefill = logits[None].copy() if keep_prefill_logits else None
-        last = logits[-1].astype(np.float32)
         eos = fam.tokenizer.eos_token_id
-        suppressed = fam.suppressed_token_ids()
+        pad = fam.tokenizer.pad_token_id if fam.tokenizer.pad_token_id is not None else eos
+        rows = [self._generate_row(inputs, embeds, b, plan, config, steps, forced_tokens, keep_prefill_logits,
+                                   stop_at_eos) for b in range(batch)]
+        n = max(len(toks) for toks, _, _ in rows)
+        tokens = np.full((batch, n), pad if pad is not None else 0, np.int64)
+        logits = [np.zeros((batch, self.decoder.n_vocab), np.float32) for _ in range(n)]
+        prefill = np.zeros((batch, length, self.decoder.n_vocab), np.float32) if keep_prefill_logits else None
+        for b, (toks, row_logits, row_prefill) in enumerate(rows):
+            tokens[b, : len(toks)] = toks
+            for step, lg in enumerate(row_logits):
+                logits[step][b] = lg
+            if prefill is not None:
+                prefill[b, length - row_prefill.shape[0]:] = row_prefill
+        texts = [fam.tokenizer.decode([t for t in row if t not in (pad, eos)]) for row in tokens.tolist()]
+        return OrtResult(tokens=tokens, texts=texts, plan=plan, logits=logits, prefill_logits=prefill,
+                         attention=maps)
+
+    def _generate_row(self, inputs: VLMInputs, embeds: np.ndarray, b: int, plan: SequencePlan, config: SCRConfig,
+                      steps: int, forced_tokens, keep_prefill_logits: bool, stop_at_eos: bool):
+        """Prompt ``b``: SCR prefill in the hooked context, KV cache moved to the plain one, greedy steps there."""
+        off, _, first_position = self._row(inputs, b)
+        self._install_plan(config, plan, b, off)
+        row_identity = not plan.active()[b].any()
+        # no hook at all for an identity plan: bit-identical to plain llama.cpp
+        logits = self._hooked_prefill(inputs, embeds, want_logits=True, active=not row_identity, row=b)
+        fix_logits(self.architecture, logits, self.masked_ids)
+        # decode in the plain context: the prompt's KV cache (SCR's edits included) moves there, and the hooked
+        # context is emptied (its callback would be asked about every node of every step)
+        self.llama.copy_state_to(self.decoder)
+        self.llama.reset()
+        last = logits[-1].astype(np.float32)
+        eos = self.family.tokenizer.eos_token_id
+        suppressed = self.family.suppressed_token_ids()
         tokens, out_logits = [], []
         for step in range(steps):
-            out_logits.append(last[None])
+            out_logits.append(last)
             if forced_tokens is not None:
-                nxt = int(forced_tokens[0][step])
+                nxt = int(forced_tokens[b][step])
             else:
                 masked = last.copy()
                 masked[suppressed] = -np.inf
@@ -233,10 +319,6 @@ class LlamaCppVLM:
             if step == steps - 1:
                 break
             position = None if first_position is None else first_position + step
-            last = fix_logits(self.architecture, self.llama.decode_token(nxt, position),
+            last = fix_logits(self.architecture, self.decoder.decode_token(nxt, position),
                               self.masked_ids).astype(np.float32)
-        toks = np.asarray([tokens], np.int64)
-        pad = fam.tokenizer.pad_token_id
-        text = fam.tokenizer.decode([t for t in tokens if t not in (pad, eos)])
-        return OrtResult(tokens=toks, texts=[text], plan=plan, logits=out_logits, prefill_logits=prefill,
-                         attention=maps)
+        return tokens, out_logits, (logits.copy() if keep_prefill_logits else None)
