@@ -1,6 +1,7 @@
 """Benchmark (not a test): the cost of SCR in llama.cpp (eval-callback hooks), as ratios.
 
     python benchmarks/llamacpp_scr_overhead.py [--model small-llava] [--quant q8_0] [--repeats 10] [--threads 2]
+                                               [--diag-layers FIRST LAST]
 
 Converts the model to GGUF once, then reports medians after warm-up, each against plain llama.cpp (a context
 without any eval callback, sharing the same loaded model):
@@ -36,6 +37,8 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--image", default=str(ROOT / "examples" / "red_car.png"))
+    ap.add_argument("--diag-layers", type=int, nargs=2, metavar=("FIRST", "LAST"),
+                    help="diagnostic layers (default: the model's); the cut pass should cost (LAST + 1) / layers")
     args = ap.parse_args()
 
     from runtimes.llamacpp.context import LlamaContext
@@ -46,7 +49,8 @@ def main() -> int:
     from scr_export.processing import load_image
 
     work = Path(tempfile.mkdtemp(prefix="scr-llama-bench-"))
-    out, reports = convert_to_gguf(args.model, work / "g", quant=args.quant,
+    overrides = {"diag_layers": tuple(args.diag_layers)} if args.diag_layers else None
+    out, reports = convert_to_gguf(args.model, work / "g", quant=args.quant, config_overrides=overrides,
                                    progress=lambda m: print(f"[bench] {m}", file=sys.stderr))
     runner = LlamaCppVLM(out, threads=args.threads)
     inputs = runner.encode([[load_image(args.image)]], ["What is the red object? Answer in one sentence."])

@@ -168,3 +168,55 @@ def test_the_placeholder_vocabulary_is_gone_tokenising_never_aborts(gguf_dir):
         assert np.all(np.asarray(ids) < llm.n_vocab())
     finally:
         llm.close()
+
+
+def test_a_sentencepiece_checkpoint_is_written_as_llama_cpps_spm_vocabulary(tmp_path):
+    """LLaVA-1.5's tokenizer is SentencePiece (tokenizer.model); no preset has one, so a tiny one is trained here.
+    llama.cpp, from the GGUF alone, tokenises as the checkpoint's sentencepiece model does (scores and byte pieces
+    carried), keeps tokens transformers added (``<image>``) whole, and agrees with transformers' legacy Llama tokenizer
+    on LLaVA's prompt (with ``legacy=False`` transformers drops the space llama.cpp and sentencepiece put after a
+    special token; the conversion's check reports such a difference)."""
+    spm = pytest.importorskip("sentencepiece", reason="sentencepiece comes with the export extra")
+    import gguf
+    from llama_cpp import Llama
+    from transformers import AutoTokenizer
+
+    from runtimes.llamacpp.gguf_vocab import write_vocabulary
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(("The quick brown fox jumps over the lazy dog. Déjà vu, crème brûlée. 東京 北京 서울. "
+                       "What is in the image? USER: ASSISTANT: describe 12345\n") * 40)
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "tokenizer"), vocab_size=400,
+                                   model_type="bpe", byte_fallback=True, character_coverage=1.0, unk_id=0, bos_id=1,
+                                   eos_id=2, pad_id=-1, normalization_rule_name="identity",
+                                   remove_extra_whitespaces=False, minloglevel=2)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "bos_token": "<s>", "eos_token": "</s>",
+         "unk_token": "<unk>", "legacy": True}))  # sentencepiece's own behaviour after special tokens, as llama.cpp
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    tok.save_pretrained(tmp_path)
+    path = tmp_path / "vocab.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    for add, v in ((w.add_context_length, 64), (w.add_embedding_length, 8), (w.add_block_count, 1),
+                   (w.add_feed_forward_length, 8), (w.add_head_count, 1), (w.add_head_count_kv, 1),
+                   (w.add_rope_dimension_count, 8)):
+        add(v)
+    w.add_layer_norm_rms_eps(1e-5)
+    info = write_vocabulary(w, tok, tmp_path, "llava", len(tok))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    assert info["model"] == "llama" and info["kind"] == "SentencePiece"
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "tokenizer.model"))
+    llm = Llama(model_path=str(path), vocab_only=True, verbose=False)
+    try:
+        for text in STRINGS + [" leading space", "two  spaces"]:
+            assert llm.tokenize(text.encode(), add_bos=True, special=False) == [1, *sp.encode(text)], text
+        image = tok.convert_tokens_to_ids("<image>")
+        prompt = "USER: <image>\nWhat is in the image? ASSISTANT:"
+        ids = llm.tokenize(prompt.encode(), add_bos=True, special=True)
+        assert image in ids and ids == tok(prompt)["input_ids"]
+    finally:
+        llm.close()

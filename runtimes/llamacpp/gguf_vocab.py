@@ -70,7 +70,7 @@ def write_vocabulary(writer: Any, tokenizer: Any, checkpoint: Path, family: str,
     tj = json.loads(tj_path.read_text(encoding="utf-8")) if tj_path.is_file() else None
     model = (tj or {}).get("model", {})
     if spm.is_file() or (model.get("type") == "BPE" and model.get("byte_fallback")):
-        kind, tokens, scores, types = _llama_tokens(gguf, checkpoint, spm.is_file(), vocab_size)
+        kind, tokens, scores, types = _llama_tokens(gguf, tokenizer, checkpoint, spm.is_file(), vocab_size)
         writer.add_tokenizer_model("llama")
         writer.add_tokenizer_pre("default")
         writer.add_token_list(tokens)
@@ -137,14 +137,17 @@ def _bpe_tokens(gguf: Any, tokenizer: Any, vocab_size: int) -> tuple[list[str], 
     return tokens, types
 
 
-def _llama_tokens(gguf: Any, checkpoint: Path, use_spm: bool, vocab_size: int):
-    """SentencePiece (``tokenizer.model``) or its ``tokenizer.json`` twin, through gguf-py's own readers."""
+def _llama_tokens(gguf: Any, tokenizer: Any, checkpoint: Path, use_spm: bool, vocab_size: int):
+    """SentencePiece (``tokenizer.model``) or its ``tokenizer.json`` twin, through gguf-py's own readers, then the
+    tokens transformers added after the model's pieces (``<image>``: saved in tokenizer.json, not added_tokens.json,
+    so gguf-py's reader does not see them)."""
     if use_spm:
         try:
             vocab = gguf.SentencePieceVocab(checkpoint)
-        except ImportError:
+        except (ImportError, RuntimeError):
             raise SCRExportError("this checkpoint's tokenizer is SentencePiece (tokenizer.model) and the sentencepiece "
-                                 "package is missing", "pip install sentencepiece, then convert again") from None
+                                 "package is missing", "pip install 'scr-export[export]' (it installs sentencepiece), "
+                                 "then convert again") from None
         kind = "SentencePiece"
     else:
         vocab = gguf.LlamaHfVocab(checkpoint)
@@ -154,13 +157,18 @@ def _llama_tokens(gguf: Any, checkpoint: Path, use_spm: bool, vocab_size: int):
         tokens.append(text.decode("utf-8") if isinstance(text, bytes) else text)
         scores.append(float(score))
         types.append(typ)
+    added = tokenizer.added_tokens_decoder
+    for i in range(len(tokens), max([vocab_size, *(j + 1 for j in added)])):
+        if i in added:
+            tokens.append(added[i].content)
+            types.append(_token_type(gguf, added[i], added[i].content))
+        else:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        scores.append(-1000.0)
     if len(tokens) > vocab_size:
         raise SCRExportError(f"the tokenizer has {len(tokens)} tokens but the decoder embeds {vocab_size}",
                              "the checkpoint's tokenizer and config disagree: fix the checkpoint")
-    for i in range(len(tokens), vocab_size):
-        tokens.append(f"[PAD{i}]")
-        scores.append(-1000.0)
-        types.append(gguf.TokenType.UNUSED)
     return kind, tokens, scores, types
 
 
