@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,8 @@ from scr_export.manifest import QUANTIZED, read_manifest
 from scr_export.plan import SequencePlan, plan_sequence
 from scr_export.positions import vision_cu_seqlens, vision_positions
 from scr_export.processing import VLMInputs
+
+from .sampling import GREEDY, Sampling, TokenSink
 
 
 GQA_DECODER = "decoder_gqa"  # session name of the decoder's GroupQueryAttention variant
@@ -171,6 +174,8 @@ class OrtResult:
     logits: list[np.ndarray]
     prefill_logits: np.ndarray | None
     attention: list[list[np.ndarray | None]]
+    timings: dict[str, float] = dataclasses.field(default_factory=dict)  # seconds: diagnostic, prefill, decode
+    cancelled: bool = False  # the token sink stopped the decoding
 
 
 class OrtVLM:
@@ -536,7 +541,10 @@ class OrtVLM:
     def generate(self, inputs: VLMInputs, *, scr: bool = True, max_new_tokens: int = 32,
                  plan: SequencePlan | None = None, config: SCRConfig | None = None,
                  forced_tokens: Sequence[Sequence[int]] | None = None, keep_prefill_logits: bool = False,
-                 stop_at_eos: bool = True) -> OrtResult:
+                 stop_at_eos: bool = True, sampling: Sampling | None = None,
+                 on_token: TokenSink | None = None) -> OrtResult:
+        """``sampling``: how tokens are picked (default greedy); ``on_token(row, token)`` after each step, False
+        stops (streaming, cancellation)."""
         from runtimes.registry import check_context
 
         config = config or self.config
@@ -545,13 +553,17 @@ class OrtVLM:
         batch, length = inputs.shape
         steps = max_new_tokens if forced_tokens is None else len(forced_tokens[0])
         check_context(length, steps, *self.context_limit())
+        t0 = time.perf_counter()
+        timings: dict[str, float] = {}
         embeds = self.embed(inputs)
         positions, first_pos = self.positions(inputs)
         maps: list = []
         if not scr:
             plan = SequencePlan.identity(batch, length)
         elif plan is None:
+            t_diag = time.perf_counter()
             maps = self.attention_maps(inputs, embeds, positions)
+            timings["diagnostic"] = time.perf_counter() - t_diag
             plan = plan_sequence(inputs.layouts, maps, length, config)
             plan.attention = maps
         am = inputs.array("attention_mask")
@@ -565,6 +577,9 @@ class OrtVLM:
             outs = self._run_decoder({**feed, **self._past(batch)})
         prefill = outs["logits"].astype(np.float32) if keep_prefill_logits else None
         last = outs["logits"][:, -1].astype(np.float32)
+        timings["prefill"] = time.perf_counter() - t0  # images, diagnostic pass, plan, SCR prefill: the first token
+        pick = (sampling or GREEDY).picker()
+        cancelled = False
         eos = fam.tokenizer.eos_token_id
         pad = fam.tokenizer.pad_token_id if fam.tokenizer.pad_token_id is not None else eos
         suppressed = fam.suppressed_token_ids()
@@ -580,8 +595,11 @@ class OrtVLM:
             else:
                 masked = last.copy()
                 masked[:, suppressed] = -np.inf
-                nxt = np.where(finished, pad, masked.argmax(-1)).astype(np.int64)
+                nxt = np.where(finished, pad, pick(masked)).astype(np.int64)
             tokens.append(nxt)
+            if on_token is not None and not all([on_token(b, int(nxt[b])) for b in range(batch)]):
+                cancelled = True
+                break
             if forced_tokens is None and stop_at_eos and eos is not None:
                 finished |= nxt == eos
                 if finished.all():
@@ -602,4 +620,6 @@ class OrtVLM:
             last = outs["logits"][:, -1].astype(np.float32)
         toks = np.stack(tokens, axis=1) if tokens else np.zeros((batch, 0), np.int64)
         texts = [fam.tokenizer.decode([t for t in row if t not in (pad, eos)]) for row in toks.tolist()]
-        return OrtResult(tokens=toks, texts=texts, plan=plan, logits=logits, prefill_logits=prefill, attention=maps)
+        timings["total"] = time.perf_counter() - t0
+        return OrtResult(tokens=toks, texts=texts, plan=plan, logits=logits, prefill_logits=prefill, attention=maps,
+                         timings=timings, cancelled=cancelled)

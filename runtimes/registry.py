@@ -36,9 +36,13 @@ class VLMRuntime(Protocol):
 
     def generate(self, inputs: Any, *, scr: bool = True, max_new_tokens: int = 32, plan: Any = None,
                  config: SCRConfig | None = None, forced_tokens: Sequence[Sequence[int]] | None = None,
-                 keep_prefill_logits: bool = False, stop_at_eos: bool = True) -> Any:
-        """Diagnostic pass -> plan -> prefill with SCR -> greedy decoding (``scr=False``: the identity plan). A
-        ``config`` whose baked-in parts (layer ranges) differ from the directory's is refused, not ignored."""
+                 keep_prefill_logits: bool = False, stop_at_eos: bool = True, sampling: Any = None,
+                 on_token: Any = None) -> Any:
+        """Diagnostic pass -> plan -> prefill with SCR -> decoding (``scr=False``: the identity plan), greedy unless
+        ``sampling`` (``runtimes.sampling.Sampling``) says otherwise; ``on_token(row, token)`` is called after each
+        step and stops the decoding by returning False. The result carries ``timings`` (seconds: diagnostic,
+        prefill = to the first token, total) and ``cancelled``. A ``config`` whose baked-in parts (layer ranges)
+        differ from the directory's is refused, not ignored."""
 
     def float_gate(self) -> str:
         """The parity gate (``scr_export.parity.GATES``) of this directory against the float32 PyTorch model."""

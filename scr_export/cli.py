@@ -564,8 +564,65 @@ class BuildEngines(Command):
         return 0
 
 
+class Serve(Command):
+    """Serve a converted directory over HTTP with OpenAI's chat-completions API, SCR per request.
+
+    POST /v1/chat/completions (text and image_url parts, stream, max_tokens, temperature/top_p/seed, stop, and the
+    extension field "scr": {"enabled", "k", "lambda", "layers"}), GET /v1/models, /health (ready once the model is
+    loaded), /metrics (Prometheus). A bounded queue answers 429 beyond it; SIGTERM drains in-flight requests. With
+    --ray, the same app runs as a Ray Serve deployment with --replicas replicas. Needs scr-export[serve] (and [ray]).
+    """
+
+    name = "serve"
+
+    def add_arguments(self, p):
+        p.add_argument("dir", metavar="DIR", help="a converted directory (ONNX, TensorRT or GGUF)")
+        p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
+        p.add_argument("--port", type=int, default=8000)
+        p.add_argument("--max-concurrency", type=int, default=1, metavar="N",
+                       help="requests computed at once, each on its own loaded copy of the model (default 1)")
+        p.add_argument("--queue", type=int, default=16, metavar="N",
+                       help="requests that may wait beyond those; more get 429 with Retry-After (default 16)")
+        p.add_argument("--runtime", default="auto", choices=["auto", "onnx", "tensorrt", "llamacpp"])
+        p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+        p.add_argument("--threads", type=int, metavar="N", help="CPU threads per model copy")
+        p.add_argument("--served-model-name", metavar="NAME", help="the model id clients use (default: DIR's name)")
+        p.add_argument("--max-tokens", type=int, default=256, metavar="N", help="default max_tokens per request")
+        p.add_argument("--max-images", type=int, default=4, metavar="N", help="images per request (default 4)")
+        p.add_argument("--max-image-mb", type=float, default=20.0, metavar="MB", help="size of one image (default 20)")
+        p.add_argument("--allow-local-files", action="store_true",
+                       help="accept image_url as an absolute local path or file:// URL")
+        p.add_argument("--allow-remote-urls", action="store_true", help="fetch http(s) image URLs")
+        p.add_argument("--drain-timeout", type=float, default=30.0, metavar="S",
+                       help="on SIGTERM, wait this long for in-flight requests (default 30)")
+        p.add_argument("--ray", action="store_true", help="run as a Ray Serve deployment (scr-export[ray])")
+        p.add_argument("--replicas", type=int, default=1, metavar="N", help="with --ray: replicas (default 1)")
+        p.add_argument("--address", metavar="ADDR", help="with --ray: an existing cluster (ray://host:10001 or "
+                       "auto); default: a local Ray instance")
+        p.add_argument("--num-gpus", type=float, default=None, metavar="F",
+                       help="with --ray: GPUs per replica (default: 1/replicas where a GPU is present, else 0)")
+
+    def run(self, args):
+        from .serve.settings import settings_from_args
+
+        settings = settings_from_args(args)
+        if args.ray:
+            from .serve.ray_app import serve_with_ray
+
+            return serve_with_ray(settings, replicas=args.replicas, address=args.address, host=args.host,
+                                  port=args.port, num_gpus=args.num_gpus, log=_log)
+        import uvicorn
+
+        from .serve.app import create_app
+
+        _log(f"serving {args.dir} on http://{args.host}:{args.port} (loading the model; /health says when ready)")
+        uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="warning",
+                    timeout_graceful_shutdown=int(args.drain_timeout))
+        return 0
+
+
 COMMANDS: list[Command] = [Inspect(), Generate(), Explain(), Convert(), Run(), Validate(), BuildOps(),
-                           BuildEngines()]
+                           BuildEngines(), Serve()]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -589,7 +646,8 @@ MISSING_EXTRA = {"torch": "export", "transformers": "export", "safetensors": "ex
                  "matplotlib": "export",
                  "onnx": "export", "onnx_ir": "export", "onnxscript": "export",
                  "llama_cpp": "llamacpp", "gguf": "llamacpp", "tensorrt": "tensorrt", "cuda": "tensorrt",
-                 "onnxruntime_genai": "bench"}
+                 "onnxruntime_genai": "bench", "fastapi": "serve", "uvicorn": "serve", "prometheus_client": "serve",
+                 "ray": "ray"}
 
 
 def main(argv: list[str] | None = None) -> int:

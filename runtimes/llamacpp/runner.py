@@ -4,6 +4,7 @@ the eval callback, stopped after the last diagnostic layer -> host plan -> llama
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from scr_export.plan import SequencePlan, plan_sequence
 from scr_export.processing import VLMInputs
 
 from ..onnxruntime_runner import OrtResult, OrtVLM
+from ..sampling import GREEDY, Sampling, TokenSink
 from .context import LlamaContext
 from .eval_callback import EvalCallback
 from .quirks import fix_logits
@@ -251,8 +253,10 @@ class LlamaCppVLM:
     def generate(self, inputs: VLMInputs, *, scr: bool = True, max_new_tokens: int = 32,
                  plan: SequencePlan | None = None, config: SCRConfig | None = None,
                  forced_tokens: Sequence[Sequence[int]] | None = None, keep_prefill_logits: bool = False,
-                 stop_at_eos: bool = True) -> OrtResult:
-        """Greedy decoding of every prompt of the batch, one llama.cpp sequence after another, with the same plan,
+                 stop_at_eos: bool = True, sampling: Sampling | None = None,
+                 on_token: TokenSink | None = None) -> OrtResult:
+        """Decoding (greedy unless ``sampling`` says otherwise; ``on_token(row, token)`` after each step, False
+        stops) of every prompt of the batch, one llama.cpp sequence after another, with the same plan,
         tokens and logits layout as the other runtimes (padded positions; a prompt that ended early gets the pad
         token, and zero logits, until the batch ends)."""
         from runtimes.registry import check_context
@@ -262,34 +266,45 @@ class LlamaCppVLM:
         batch, length = inputs.shape
         steps = max_new_tokens if forced_tokens is None else len(forced_tokens[0])
         check_context(length, steps, self.n_ctx, "the llama.cpp context (n_ctx)")
+        t0 = time.perf_counter()
+        timings: dict[str, float] = {}
         embeds = self.embed(inputs)
         maps: list = []
         if not scr:
             plan = SequencePlan.identity(batch, length)
         elif plan is None:
+            t_diag = time.perf_counter()
             maps = self.attention_maps(inputs, embeds, config)
+            timings["diagnostic"] = time.perf_counter() - t_diag
             plan = plan_sequence(inputs.layouts, maps, length, config)
             plan.attention = maps
         eos = fam.tokenizer.eos_token_id
         pad = fam.tokenizer.pad_token_id if fam.tokenizer.pad_token_id is not None else eos
-        rows = [self._generate_row(inputs, embeds, b, plan, config, steps, forced_tokens, keep_prefill_logits,
-                                   stop_at_eos) for b in range(batch)]
-        n = max(len(toks) for toks, _, _ in rows)
+        pick = (sampling or GREEDY).picker()
+        rows = []
+        for b in range(batch):
+            rows.append(self._generate_row(inputs, embeds, b, plan, config, steps, forced_tokens, keep_prefill_logits,
+                                           stop_at_eos, pick, on_token, timings, t0))
+            if rows[-1][3]:  # cancelled: the other prompts are not started
+                break
+        n = max(len(toks) for toks, *_ in rows)
         tokens = np.full((batch, n), pad if pad is not None else 0, np.int64)
         logits = [np.zeros((batch, self.decoder.n_vocab), np.float32) for _ in range(n)]
         prefill = np.zeros((batch, length, self.decoder.n_vocab), np.float32) if keep_prefill_logits else None
-        for b, (toks, row_logits, row_prefill) in enumerate(rows):
+        for b, (toks, row_logits, row_prefill, _) in enumerate(rows):
             tokens[b, : len(toks)] = toks
             for step, lg in enumerate(row_logits):
                 logits[step][b] = lg
             if prefill is not None:
                 prefill[b, length - row_prefill.shape[0]:] = row_prefill
         texts = [fam.tokenizer.decode([t for t in row if t not in (pad, eos)]) for row in tokens.tolist()]
+        timings["total"] = time.perf_counter() - t0
         return OrtResult(tokens=tokens, texts=texts, plan=plan, logits=logits, prefill_logits=prefill,
-                         attention=maps)
+                         attention=maps, timings=timings, cancelled=any(r[3] for r in rows))
 
     def _generate_row(self, inputs: VLMInputs, embeds: np.ndarray, b: int, plan: SequencePlan, config: SCRConfig,
-                      steps: int, forced_tokens, keep_prefill_logits: bool, stop_at_eos: bool):
+                      steps: int, forced_tokens, keep_prefill_logits: bool, stop_at_eos: bool, pick, on_token,
+                      timings: dict[str, float], t0: float):
         """Prompt ``b``: SCR prefill in the hooked context, KV cache moved to the plain one, greedy steps there."""
         off, _, first_position = self._row(inputs, b)
         self._install_plan(config, plan, b, off)
@@ -302,9 +317,10 @@ class LlamaCppVLM:
         self.llama.copy_state_to(self.decoder)
         self.llama.reset()
         last = logits[-1].astype(np.float32)
+        timings.setdefault("prefill", time.perf_counter() - t0)  # the first prompt's first token
         eos = self.family.tokenizer.eos_token_id
         suppressed = self.family.suppressed_token_ids()
-        tokens, out_logits = [], []
+        tokens, out_logits, cancelled = [], [], False
         for step in range(steps):
             out_logits.append(last)
             if forced_tokens is not None:
@@ -312,8 +328,11 @@ class LlamaCppVLM:
             else:
                 masked = last.copy()
                 masked[suppressed] = -np.inf
-                nxt = int(masked.argmax())
+                nxt = int(pick(masked[None])[0])
             tokens.append(nxt)
+            if on_token is not None and not on_token(b, nxt):
+                cancelled = True
+                break
             if forced_tokens is None and stop_at_eos and nxt == eos:
                 break
             if step == steps - 1:
@@ -321,4 +340,4 @@ class LlamaCppVLM:
             position = None if first_position is None else first_position + step
             last = fix_logits(self.architecture, self.decoder.decode_token(nxt, position),
                               self.masked_ids).astype(np.float32)
-        return tokens, out_logits, (logits.copy() if keep_prefill_logits else None)
+        return tokens, out_logits, (logits.copy() if keep_prefill_logits else None), cancelled
