@@ -37,8 +37,9 @@ def create_app(settings: ServeSettings, engine: Engine | None = None) -> FastAPI
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        loader = asyncio.get_running_loop().run_in_executor(None, engine.load)
-        loader.add_done_callback(lambda f: f.exception())  # the error stays on engine.load_error for /health
+        if not engine.ready:  # Ray's replicas load before they report healthy; a plain server loads in the background
+            loader = asyncio.get_running_loop().run_in_executor(None, engine.load)
+            loader.add_done_callback(lambda f: f.exception())  # the error stays on engine.load_error for /health
         yield
         engine.draining = True  # uvicorn has stopped accepting and waited for open responses; finish the rest
         deadline = time.monotonic() + settings.drain_timeout_s
