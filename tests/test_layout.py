@@ -101,6 +101,9 @@ def test_arrows_point_one_way():
     # the validator sees runners only through the registry
     assert {t for t in g["scr_export.parity"] if t.startswith("runtimes")} == {"runtimes.registry"}
     assert {t for t in g["scr_export.cli"] if t.startswith("runtimes.") and t.endswith(("runner", "_runner"))} == set()
+    # the server, like the CLI, reaches runners only through the registry (and shares their sampler)
+    serve = {t for m, ts in g.items() if m.startswith("scr_export.serve") for t in ts if t.startswith("runtimes")}
+    assert serve <= {"runtimes.registry", "runtimes.sampling"}, serve
 
 
 def test_the_readme_layout_matches_the_tree():

@@ -373,3 +373,31 @@ def test_a_gguf_directory_serves_what_run_prints(gguf_dir):
         assert "".join(deltas) == run_like_cli(runtime, [image], "What is it?", 8)
     finally:
         s.close()
+
+
+def _readme_block(language: str, marker: str) -> str:
+    section = (ROOT / "README.md").read_text().split("## Serving")[1].split("\n## ")[0]
+    blocks = [b.split("\n", 1)[1] for b in section.split("```")[1::2] if b.startswith(language + "\n")]
+    return next(b for b in blocks if marker in b)
+
+
+def test_the_readmes_curl_and_openai_examples_run_as_written(llava_dir, runtime):
+    """The Serving section's two examples, run against a server of the directory `convert` made (port swapped)."""
+    from scr_export.processing import load_image
+
+    s = LiveServer(llava_dir)
+    try:
+        assert Path(llava_dir).name == "llava"  # the examples' model id
+        port = lambda text: text.replace("127.0.0.1:8000", f"127.0.0.1:{s.port}")  # noqa: E731
+        curl = subprocess.run(["bash", "-c", port(_readme_block("bash", "curl"))], cwd=ROOT, capture_output=True,
+                              text=True, timeout=120)
+        assert curl.returncode == 0, curl.stderr
+        answer = json.loads(curl.stdout)["choices"][0]["message"]["content"]
+        client = subprocess.run([sys.executable, "-c", port(_readme_block("python", "OpenAI("))], cwd=ROOT,
+                                capture_output=True, text=True, timeout=120)
+        assert client.returncode == 0, client.stderr
+        want = run_like_cli(runtime, [load_image(ROOT / "examples" / "red_car.png")], "What is the red object?", 16,
+                            config=runtime.config.replace(lam=1.1))
+        assert answer == want and client.stdout == want + "\n"
+    finally:
+        s.close()
