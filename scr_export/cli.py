@@ -647,6 +647,7 @@ MISSING_EXTRA = {"torch": "export", "transformers": "export", "safetensors": "ex
                  "onnx": "export", "onnx_ir": "export", "onnxscript": "export",
                  "llama_cpp": "llamacpp", "gguf": "llamacpp", "tensorrt": "tensorrt", "cuda": "tensorrt",
                  "onnxruntime_genai": "bench", "fastapi": "serve", "uvicorn": "serve", "prometheus_client": "serve",
+                 "pydantic": "serve", "starlette": "serve", "httpx": "serve",
                  "ray": "ray"}
 
 

@@ -401,3 +401,14 @@ def test_the_readmes_curl_and_openai_examples_run_as_written(llava_dir, runtime)
         assert answer == want and client.stdout == want + "\n"
     finally:
         s.close()
+
+
+def test_serve_refuses_bad_flags_and_directories_before_listening(llava_dir, tmp_path):
+    def serve(*args):
+        return subprocess.run([sys.executable, "-m", "scr_export.cli", "serve", *args], cwd=ROOT, capture_output=True,
+                              text=True, timeout=120)
+
+    r = serve(str(tmp_path / "nothing"), "--port", str(free_port()))
+    assert r.returncode == 2 and "fix:" in r.stderr
+    r = serve(str(llava_dir), "--max-concurrency", "0")
+    assert r.returncode == 2 and "--max-concurrency 0 is below 1" in r.stderr
