@@ -389,11 +389,14 @@ class OrtVLM:
     def positions(self, inputs: VLMInputs) -> tuple[np.ndarray, np.ndarray]:
         """Prefill position ids and the first generated token's (numpy, once per request)."""
         arrays = {k: inputs.array(k) for k in ("input_ids", "attention_mask", "image_grid_thw") if k in inputs.tensors}
+        if self.family.uses_mrope:
+            arrays.setdefault("image_grid_thw", np.zeros((0, 3), np.int64))  # a text-only prompt
         return self.family.host_positions(arrays)
 
-    def encode(self, images: Sequence[Sequence[Any]], prompts: Sequence[str]) -> VLMInputs:
-        """Images + prompts -> numpy inputs, without torch or transformers (``scr_export.hostproc``)."""
-        return self.host.encode(images, prompts)
+    def encode(self, images: Sequence[Sequence[Any]], prompts: Sequence[str], text_only: bool = False) -> VLMInputs:
+        """Images + prompts -> numpy inputs, without torch or transformers (``scr_export.hostproc``);
+        ``text_only``: prompts without images are allowed (SCR then has nothing to edit)."""
+        return self.host.encode(images, prompts, text_only=text_only)
 
     def _run(self, name: str, feed: dict[str, np.ndarray], outputs=None):
         """Run one graph; float inputs are cast to the graph's own input type (GGUF directories hold float32
@@ -465,6 +468,8 @@ class OrtVLM:
         fam = self.family
         ids = inputs.array("input_ids").copy()
         mask = ids == fam.image_token_id
+        if "pixel_values" not in inputs.tensors and not mask.any():  # text only
+            return self._run("embed_tokens", {"input_ids": ids})[0]
         pv = inputs.array("pixel_values").astype(self.float_type)
         if fam.name == "chameleon":
             codes = self._run("vision", {"pixel_values": pv})[0]
@@ -558,7 +563,7 @@ class OrtVLM:
         embeds = self.embed(inputs)
         positions, first_pos = self.positions(inputs)
         maps: list = []
-        if not scr:
+        if not scr or (plan is None and not any(inputs.layouts)):  # no image: SCR has nothing to edit
             plan = SequencePlan.identity(batch, length)
         elif plan is None:
             t_diag = time.perf_counter()

@@ -31,8 +31,9 @@ class VLMRuntime(Protocol):
     config: SCRConfig   # the SCR configuration baked into the directory (layer ranges) with its run-time defaults
     provider: str       # what runs it, in words (execution provider, SCR kernel path, attention)
 
-    def encode(self, images: Sequence[Sequence[Any]], prompts: Sequence[str]) -> Any:
-        """Images + prompts -> the model's inputs (token ids, pixels, image-token layouts)."""
+    def encode(self, images: Sequence[Sequence[Any]], prompts: Sequence[str], text_only: bool = False) -> Any:
+        """Images + prompts -> the model's inputs (token ids, pixels, image-token layouts); ``text_only`` allows
+        prompts without images (the server's text chats; SCR then has nothing to edit)."""
 
     def generate(self, inputs: Any, *, scr: bool = True, max_new_tokens: int = 32, plan: Any = None,
                  config: SCRConfig | None = None, forced_tokens: Sequence[Sequence[int]] | None = None,

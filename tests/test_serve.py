@@ -412,3 +412,41 @@ def test_serve_refuses_bad_flags_and_directories_before_listening(llava_dir, tmp
     assert r.returncode == 2 and "fix:" in r.stderr
     r = serve(str(llava_dir), "--max-concurrency", "0")
     assert r.returncode == 2 and "--max-concurrency 0 is below 1" in r.stderr
+
+
+@pytest.mark.parametrize("family, kind", [("llava", "onnx"), ("qwen2_vl", "onnx"), ("qwen2_vl", "gguf")])
+def test_a_text_only_chat_is_answered_as_the_pytorch_model_answers_it(family, kind, converted, gguf_dir):
+    """No image: SCR has nothing to edit, and the answer is the model's own (PyTorch, same input ids)."""
+    from conftest import TINY_PRESETS, load
+
+    from runtimes.registry import open_runtime
+    from scr_export.reference import generate
+
+    if kind == "gguf":
+        pytest.importorskip("llama_cpp", reason="the llamacpp extra is not installed")
+        out = gguf_dir(family, "f32")[0]
+    else:
+        out = converted(family)[0]
+    runtime = open_runtime(out)
+    inputs = runtime.encode([[]], ["Hello, who are you?"], text_only=True)
+    assert not any(inputs.layouts) and "pixel_values" not in inputs.tensors
+    vlm = load(TINY_PRESETS[family])
+    if kind == "gguf":  # llama.cpp's Qwen2-VL deviation (RMS eps 0), mirrored as validate does
+        from runtimes.llamacpp.quantize import dequantized_model
+        from runtimes.llamacpp.quirks import apply_quirks
+
+        vlm = dequantized_model(vlm, out / "model-f32.gguf", False)
+        apply_quirks(vlm, "qwen2vl")
+    want = generate(vlm, inputs, runtime.config, max_new_tokens=6, stop_at_eos=False)
+    got = runtime.generate(inputs, max_new_tokens=6, stop_at_eos=False)
+    assert got.plan.is_identity and got.tokens.tolist() == want.tokens.tolist()
+    s = LiveServer(out)
+    try:
+        r = s.post({"messages": [{"role": "system", "content": "Be brief."},
+                                 {"role": "user", "content": "Hello, who are you?"}], "max_tokens": 6})
+        assert r.status_code == 200, r.text
+        alone = runtime.generate(runtime.encode([[]], ["Be brief.\nHello, who are you?"], text_only=True),
+                                 max_new_tokens=6)
+        assert r.json()["choices"][0]["message"]["content"] == alone.texts[0]
+    finally:
+        s.close()

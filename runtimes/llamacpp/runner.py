@@ -133,7 +133,7 @@ class LlamaCppVLM:
         return np.concatenate(feats, axis=0)
 
     def embed(self, inputs: VLMInputs) -> np.ndarray:
-        if self.mtmd is None:
+        if self.mtmd is None or not any(inputs.layouts):  # our ONNX encoder, or no image at all
             return self.images.embed(inputs).astype(np.float32)
         ids = inputs.array("input_ids")
         embeds = self.images._run("embed_tokens", {"input_ids": ids})[0].astype(np.float32)
@@ -141,10 +141,10 @@ class LlamaCppVLM:
         embeds[mask] = self.image_features(inputs)
         return embeds
 
-    def encode(self, images: Sequence[Sequence[Any]], prompts: Sequence[str]) -> VLMInputs:
+    def encode(self, images: Sequence[Sequence[Any]], prompts: Sequence[str], text_only: bool = False) -> VLMInputs:
         """Any number of prompts, any number of images each (left-padded like every runtime's); llama.cpp runs them
-        one sequence per prompt."""
-        return self.images.encode(images, prompts)
+        one sequence per prompt. ``text_only``: prompts without images are allowed."""
+        return self.images.encode(images, prompts, text_only=text_only)
 
     def _row(self, inputs: VLMInputs, b: int) -> tuple[int, np.ndarray | None, int | None]:
         """Row ``b``'s first real position (rows are left-padded), its M-RoPE rows [3, n] (None for 1-D positions
@@ -270,7 +270,7 @@ class LlamaCppVLM:
         timings: dict[str, float] = {}
         embeds = self.embed(inputs)
         maps: list = []
-        if not scr:
+        if not scr or (plan is None and not any(inputs.layouts)):  # no image: SCR has nothing to edit
             plan = SequencePlan.identity(batch, length)
         elif plan is None:
             t_diag = time.perf_counter()

@@ -79,12 +79,12 @@ class Qwen2VLFamily(VLMFamily):
         host = _RopeHost(self.config)
         return Qwen2VLModel.get_rope_index(
             host, inputs["input_ids"], mm_token_type_ids=self.mm_token_type_ids(inputs["input_ids"]),
-            image_grid_thw=inputs["image_grid_thw"], attention_mask=inputs["attention_mask"])
+            image_grid_thw=inputs.get("image_grid_thw"), attention_mask=inputs["attention_mask"])
 
     def forward_inputs(self, inputs):
         position_ids, _ = self.rope_index(inputs)
         return {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"],
-                "pixel_values": inputs["pixel_values"], "image_grid_thw": inputs["image_grid_thw"],
+                "pixel_values": inputs.get("pixel_values"), "image_grid_thw": inputs.get("image_grid_thw"),
                 "mm_token_type_ids": self.mm_token_type_ids(inputs["input_ids"]), "position_ids": position_ids}
 
     def host_positions(self, arrays):

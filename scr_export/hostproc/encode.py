@@ -53,9 +53,16 @@ def flat_images(images: Sequence[Sequence[Any]], prompts: Sequence[str]) -> list
 
 
 def encode(images: Sequence[Sequence[Any]], prompts: Sequence[str], settings: HostSettings,
-           tokenizer: HostTokenizer) -> dict[str, Any]:
+           tokenizer: HostTokenizer, text_only: bool = False) -> dict[str, Any]:
     """``images[b]`` are the PIL images of ``prompts[b]``; left padding. Returns input_ids, attention_mask,
-    pixel_values, the family's extras (image_grid_thw, num_patches) and the expanded texts."""
+    pixel_values, the family's extras (image_grid_thw, num_patches) and the expanded texts. ``text_only``: prompts
+    without any image are allowed (no pixel values; SCR has nothing to do) - the server's text-only chats."""
+    if text_only and not any(len(row) for row in images):
+        if len(images) != len(prompts):
+            raise InputError(f"{len(prompts)} prompts but {len(images)} image lists", "give one image list per prompt")
+        texts = [format_prompt(p, 0, settings.prompt_template, settings.placeholder, settings.suffix)
+                 for p in prompts]
+        return {**tokenizer(texts), "texts": texts}
     image_inputs = process(flat_images(images, prompts), settings.image_processor)
     texts, idx = [], 0
     for row, prompt in zip(images, prompts):

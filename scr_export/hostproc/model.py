@@ -77,10 +77,11 @@ class HostModel:
                                      processor_config)
         self.family.source, self.family.path, self.family.preset = str(self.dir), self.dir, None
 
-    def encode(self, images: Sequence[Sequence[Any]], prompts: Sequence[str]) -> VLMInputs:
+    def encode(self, images: Sequence[Sequence[Any]], prompts: Sequence[str], text_only: bool = False) -> VLMInputs:
         """``images[b]`` (PIL images) of ``prompts[b]`` -> numpy input ids, mask, pixels, extras and the image
-        layouts (left padding), exactly as ``scr_export.processing.encode`` gives them with transformers."""
-        out = encode(images, prompts, self.settings, self.tokenizer)
+        layouts (left padding), exactly as ``scr_export.processing.encode`` gives them with transformers.
+        ``text_only``: prompts without images are allowed (no pixels, empty layouts)."""
+        out = encode(images, prompts, self.settings, self.tokenizer, text_only=text_only)
         texts = out.pop("texts")
         layouts = self.family.image_layout(out["input_ids"], out)
         return VLMInputs(tensors=out, layouts=layouts, texts=texts, images=[list(row) for row in images])

@@ -187,7 +187,7 @@ class Engine:
         tok = runtime.family.tokenizer
         eos, pad = tok.eos_token_id, tok.pad_token_id
         try:
-            inputs = runtime.encode([job.images], [job.prompt])
+            inputs = runtime.encode([job.images], [job.prompt], text_only=True)
         except SCRExportError as exc:
             raise _as_request_error(exc) from None
         state = {"ids": [], "sent": 0, "text": "", "finish": None, "first": None, "eos": False}
