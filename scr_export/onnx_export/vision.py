@@ -6,6 +6,7 @@ for Chameleon, the BPE ids of its VQ image tokens.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -62,18 +63,45 @@ class Qwen2VLVision(torch.nn.Module):
 
 
 class ChameleonVision(torch.nn.Module):
-    """pixel_values [N,3,H,W] -> BPE ids of the VQ image tokens [N, 1024] (int64)."""
+    """pixel_values [N,3,H,W] -> BPE ids of the VQ image tokens [N, 1024] (int64).
+
+    Always float32, whatever the decoder's precision: the VQ encoder ends in a nearest-codebook lookup, and at
+    float16 near-equidistant codes flip (measured: 1 of 64 cells on a flat-colour image), which changes the image
+    tokens themselves; the VQ encoder is small, so a float32 copy costs little."""
 
     def __init__(self, family: VLMFamily):
         super().__init__()
-        self.vqmodel = family.model.model.vqmodel
+        vq = family.model.model.vqmodel
+        self.vqmodel = vq if next(vq.parameters()).dtype == torch.float32 else _float32_vq(family)
         # the code -> BPE id table as a buffer (transformers indexes a CPU tensor built lazily, which export rejects)
         self.register_buffer("img2bpe", family.model.model.vocabulary_mapping.img2bpe_mapping_tensor.long(),
                              persistent=False)
 
     def forward(self, pixel_values):
-        codes = self.vqmodel.encode(pixel_values, return_dict=True).image_tokens
+        codes = self.vqmodel.encode(pixel_values.float(), return_dict=True).image_tokens
         return self.img2bpe[codes].view(pixel_values.shape[0], -1)
+
+
+def _float32_vq(family: VLMFamily) -> torch.nn.Module:
+    """Chameleon's VQ encoder in float32 with the checkpoint's own weights (a model loaded at float16 holds them
+    rounded, and the rounding alone moves codes)."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    vq = copy.deepcopy(family.model.model.vqmodel).float()
+    prefix, state = "model.vqmodel.", {}
+    for f in sorted(Path(family.path).glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            for k in st.keys():
+                if k.startswith(prefix):
+                    state[k[len(prefix):]] = st.get_tensor(k).float()
+    missing = [k for k in vq.state_dict() if k not in state]
+    if missing:
+        raise SCRExportError(f"the checkpoint's safetensors lack the VQ weights {missing[:3]} (of {len(missing)})",
+                             "convert from a checkpoint saved with safetensors, or at --precision fp32")
+    vq.load_state_dict(state, strict=False)
+    return vq
 
 
 class EmbedTokens(torch.nn.Module):
@@ -108,7 +136,8 @@ def vision_io(family: VLMFamily) -> tuple[list[str], list[str]]:
 
 def vision_sample(family: VLMFamily, image_inputs: dict[str, Any]) -> tuple:
     """Sample arguments from real processed images (two images/tiles where the batch axis is dynamic)."""
-    pv = image_inputs["pixel_values"].to(family.model.dtype)
+    # Chameleon's VQ graph is float32 at every precision (ChameleonVision)
+    pv = image_inputs["pixel_values"].to(torch.float32 if family.name == "chameleon" else family.model.dtype)
     if family.name == "qwen2_vl":
         thw = image_inputs["image_grid_thw"][0]
         n = int(thw.prod())
