@@ -71,7 +71,8 @@ def write_vocabulary(writer: Any, tokenizer: Any, checkpoint: Path, family: str,
     model = (tj or {}).get("model", {})
     if spm.is_file() or (model.get("type") == "BPE" and model.get("byte_fallback")):
         kind, tokens, scores, types = _llama_tokens(gguf, tokenizer, checkpoint, spm.is_file(), vocab_size)
-        writer.add_tokenizer_model("llama")
+        model_name = "llama"
+        writer.add_tokenizer_model(model_name)
         writer.add_tokenizer_pre("default")
         writer.add_token_list(tokens)
         writer.add_token_scores(scores)
@@ -83,7 +84,8 @@ def write_vocabulary(writer: Any, tokenizer: Any, checkpoint: Path, family: str,
         special = gguf.SpecialVocab(checkpoint, load_merges=True, n_vocab=len(tokens))
         pre = PRE_TOKENIZER.get(family, "default") if special.merges else NO_MERGES_PRE
         kind = "byte-level BPE" + ("" if special.merges else " (no merges)")
-        writer.add_tokenizer_model("gpt2")
+        model_name = "gpt2"
+        writer.add_tokenizer_model(model_name)
         writer.add_tokenizer_pre(pre)
         writer.add_token_list(tokens)
         writer.add_token_types(types)
@@ -100,8 +102,8 @@ def write_vocabulary(writer: Any, tokenizer: Any, checkpoint: Path, family: str,
     if special.chat_template is None and template is not None:
         special.chat_template = template
     special.add_to_gguf(writer, quiet=True)
-    return {"model": "llama" if kind.startswith(("SentencePiece", "BPE with byte")) else "gpt2", "pre": pre,
-            "kind": kind, "merges": len(special.merges) if kind.startswith("byte-level") else 0,
+    return {"model": model_name, "pre": pre,
+            "kind": kind, "merges": len(special.merges) if model_name == "gpt2" else 0,
             "chat_template": special.chat_template is not None,
             "special_ids": dict(special.special_token_ids)}
 

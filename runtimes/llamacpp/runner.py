@@ -146,28 +146,31 @@ class LlamaCppVLM:
         one sequence per prompt. ``text_only``: prompts without images are allowed."""
         return self.images.encode(images, prompts, text_only=text_only)
 
+    def _rows(self, inputs: VLMInputs) -> list[tuple[int, np.ndarray | None, int | None]]:
+        """Per prompt (once per request): its first real position (rows are left-padded), its M-RoPE rows [3, n]
+        (None for 1-D positions 0..n-1) and the position of its first generated token."""
+        prefill, first = self.images.positions(inputs) if self.family.uses_mrope else (None, None)
+        rows = []
+        for b, mask in enumerate(inputs.array("attention_mask").astype(bool)):
+            off = int(np.argmax(mask)) if mask.any() else mask.size
+            if off == mask.size or not mask[off:].all():
+                raise SCRExportError(f"prompt {b} is not left-padded (mask {mask.astype(int).tolist()[:16]}...)",
+                                     "encode prompts with the runner's encode(), which pads on the left")
+            rows.append((off, None, None) if prefill is None else (off, prefill[:, b, off:], int(first[0, b, 0])))
+        return rows
+
     def _row(self, inputs: VLMInputs, b: int) -> tuple[int, np.ndarray | None, int | None]:
-        """Row ``b``'s first real position (rows are left-padded), its M-RoPE rows [3, n] (None for 1-D positions
-        0..n-1) and the position of its first generated token."""
-        mask = inputs.array("attention_mask")[b].astype(bool)
-        off = int(np.argmax(mask)) if mask.any() else mask.size
-        if off == mask.size or not mask[off:].all():
-            raise SCRExportError(f"prompt {b} is not left-padded (mask {mask.astype(int).tolist()[:16]}...)",
-                                 "encode prompts with the runner's encode(), which pads on the left")
-        if not self.family.uses_mrope:
-            return off, None, None
-        prefill, first = self.images.positions(inputs)
-        return off, prefill[:, b, off:], int(first[0, b, 0])
+        return self._rows(inputs)[b]
 
     def _hooked_prefill(self, inputs: VLMInputs, embeds: np.ndarray, want_logits: bool, active: bool = True,
-                        stop_after: str | None = None, row: int = 0):
+                        stop_after: str | None = None, row: int = 0, rows: list | None = None):
         """One prefill of prompt ``row`` (its real positions only) from an empty cache in the hooked context, with
         the callback's handlers live (``active``); ``stop_after``: a tensor after whose handler the graph stops (its
         outputs are then garbage). The handlers and what the callback recorded are cleared afterwards, whatever
         happens. Every handler must have fired: a tensor renamed in a new llama.cpp must not make SCR a silent
-        no-op."""
+        no-op. ``rows``: ``_rows(inputs)`` if the caller has it."""
         cb = self.callback
-        off, positions, _ = self._row(inputs, row)
+        off, positions, _ = (rows or self._rows(inputs))[row]
         llama = self._prefill_context(inputs.shape[1] - off)
         llama.reset()
         cb.seen.clear()
@@ -197,18 +200,17 @@ class LlamaCppVLM:
         image, in the batch's padded positions (as every runtime hands them to the plan)."""
         batch, length = inputs.shape
         ids, mask = inputs.array("input_ids"), inputs.array("attention_mask")
-        maps = []
-        for b in range(batch):
-            off = self._row(inputs, b)[0]
+        maps, rows = [], self._rows(inputs)
+        for b, (off, _, _) in enumerate(rows):
             cb = self.callback
             cb.handlers.clear()
             collector = AttentionCollector(cb, config, length - off, self.n_head)
             last = f"kq_soft_max-{collector.layers[-1]}" if self.cut_diagnostic and collector.layers else None
-            self._hooked_prefill(inputs, embeds, want_logits=False, stop_after=last, row=b)
-            self.llama.reset()  # nothing of a cut pass may reach a later decode in this context
-            rows = collector.result()
-            padded = np.zeros((rows.shape[0], length, length), rows.dtype)  # padding attends and is attended to nil
-            padded[:, off:, off:] = rows
+            # the next prefill in this context starts from a cleared cache: nothing of a cut pass reaches it
+            self._hooked_prefill(inputs, embeds, want_logits=False, stop_after=last, row=b, rows=rows)
+            layer_rows = collector.result()
+            padded = np.zeros((layer_rows.shape[0], length, length), layer_rows.dtype)  # padding: no attention
+            padded[:, off:, off:] = layer_rows
             maps.append(image_maps(padded, ids[b], mask[b], inputs.layouts[b]))
         return maps
 
@@ -233,7 +235,8 @@ class LlamaCppVLM:
             plan = SequencePlan.identity(batch, length)
         elif plan is None:
             plan = plan_sequence(inputs.layouts, self.attention_maps(inputs, embeds, config), length, config)
-        self._install_plan(config, plan, 0, self._row(inputs, 0)[0])
+        rows = self._rows(inputs)
+        self._install_plan(config, plan, 0, rows[0][0])
         cb = self.callback
         states: dict[int, np.ndarray] = {}
 
@@ -247,7 +250,7 @@ class LlamaCppVLM:
         for i in range(self.family.num_layers):
             cb.handlers[f"l_out-{i}"] = capture(i, cb.handlers.get(f"l_out-{i}"))
         # logits for every position: llama.cpp otherwise computes the last layer for the output rows only
-        self._hooked_prefill(inputs, embeds, want_logits=True)  # fails if any l_out-L never fired
+        self._hooked_prefill(inputs, embeds, want_logits=True, rows=rows)  # fails if any l_out-L never fired
         return np.stack([states[i] for i in range(self.family.num_layers)])
 
     def generate(self, inputs: VLMInputs, *, scr: bool = True, max_new_tokens: int = 32,
@@ -281,10 +284,10 @@ class LlamaCppVLM:
         eos = fam.tokenizer.eos_token_id
         pad = fam.tokenizer.pad_token_id if fam.tokenizer.pad_token_id is not None else eos
         pick = (sampling or GREEDY).picker()
-        rows = []
+        rows, prompts = [], self._rows(inputs)
         for b in range(batch):
-            rows.append(self._generate_row(inputs, embeds, b, plan, config, steps, forced_tokens, keep_prefill_logits,
-                                           stop_at_eos, pick, on_token, timings, t0))
+            rows.append(self._generate_row(inputs, embeds, b, prompts, plan, config, steps, forced_tokens,
+                                           keep_prefill_logits, stop_at_eos, pick, on_token, timings, t0))
             if rows[-1][3]:  # cancelled: the other prompts are not started
                 break
         n = max(len(toks) for toks, *_ in rows)
@@ -302,20 +305,20 @@ class LlamaCppVLM:
         return OrtResult(tokens=tokens, texts=texts, plan=plan, logits=logits, prefill_logits=prefill,
                          attention=maps, timings=timings, cancelled=any(r[3] for r in rows))
 
-    def _generate_row(self, inputs: VLMInputs, embeds: np.ndarray, b: int, plan: SequencePlan, config: SCRConfig,
-                      steps: int, forced_tokens, keep_prefill_logits: bool, stop_at_eos: bool, pick, on_token,
-                      timings: dict[str, float], t0: float):
-        """Prompt ``b``: SCR prefill in the hooked context, KV cache moved to the plain one, greedy steps there."""
-        off, _, first_position = self._row(inputs, b)
+    def _generate_row(self, inputs: VLMInputs, embeds: np.ndarray, b: int, prompts: list, plan: SequencePlan,
+                      config: SCRConfig, steps: int, forced_tokens, keep_prefill_logits: bool, stop_at_eos: bool,
+                      pick, on_token, timings: dict[str, float], t0: float):
+        """Prompt ``b`` (``prompts``: ``_rows(inputs)``): SCR prefill in the hooked context, KV cache moved to the
+        plain one, decoding steps there."""
+        off, _, first_position = prompts[b]
         self._install_plan(config, plan, b, off)
         row_identity = not plan.active()[b].any()
         # no hook at all for an identity plan: bit-identical to plain llama.cpp
-        logits = self._hooked_prefill(inputs, embeds, want_logits=True, active=not row_identity, row=b)
+        logits = self._hooked_prefill(inputs, embeds, want_logits=True, active=not row_identity, row=b, rows=prompts)
         fix_logits(self.architecture, logits, self.masked_ids)
-        # decode in the plain context: the prompt's KV cache (SCR's edits included) moves there, and the hooked
-        # context is emptied (its callback would be asked about every node of every step)
+        # decode in the plain context (the hooked one's callback would be asked about every node of every step):
+        # the prompt's KV cache, SCR's edits included, moves there
         self.llama.copy_state_to(self.decoder)
-        self.llama.reset()
         last = logits[-1].astype(np.float32)
         timings.setdefault("prefill", time.perf_counter() - t0)  # the first prompt's first token
         eos = self.family.tokenizer.eos_token_id

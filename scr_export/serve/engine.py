@@ -213,6 +213,8 @@ class Engine:
                 state["finish"], state["eos"] = "stop", True
                 return False
             state["ids"].append(token)
+            if not (job.stream or job.stop):  # nothing to look at before the end: decoded once, after it
+                return True
             text = tok.decode(state["ids"])
             for s in job.stop:
                 at = text.find(s)
@@ -230,7 +232,7 @@ class Engine:
                                       sampling=job.sampling, on_token=on_token)
         except SCRExportError as exc:
             raise _as_request_error(exc) from None
-        text = state["text"]
+        text = state["text"] if (job.stream or job.stop) else tok.decode(state["ids"])
         if job.stream and len(text) > state["sent"]:
             put("delta", text[state["sent"]:])
         finish = state["finish"] or ("length" if len(state["ids"]) >= job.max_tokens else "stop")

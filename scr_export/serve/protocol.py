@@ -97,7 +97,7 @@ def parse_messages(request: ChatRequest, load_image, max_images: int) -> tuple[l
                            f"request has {[m.role for m in request.messages]}: the families' prompt templates here "
                            "are single-turn", param="messages", code="unsupported_conversation")
     texts, images = [], []
-    for m in request.messages:
+    for j, m in enumerate(request.messages):
         parts = [TextPart(type="text", text=m.content)] if isinstance(m.content, str) else (m.content or [])
         for i, part in enumerate(parts):
             if isinstance(part, TextPart):
@@ -106,7 +106,7 @@ def parse_messages(request: ChatRequest, load_image, max_images: int) -> tuple[l
                 raise RequestError(f"a {m.role} message cannot hold images", param="messages", code="invalid_image")
             else:
                 url = part.image_url if isinstance(part.image_url, str) else part.image_url.url
-                images.append(load_image(url, f"messages[{request.messages.index(m)}].content[{i}]"))
+                images.append(load_image(url, f"messages[{j}].content[{i}]"))
     if len(images) > max_images:
         raise RequestError(f"the request has {len(images)} images; this server takes at most {max_images} per "
                            "request (each costs hundreds of positions)", param="messages", code="too_many_images")
