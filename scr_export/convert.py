@@ -16,6 +16,7 @@ import numpy as np
 
 from . import __version__
 from .errors import SCRExportError
+from .checkpoint import check_free_space
 from .manifest import QUANTIZED, checkpoint_hash, write_manifest
 from .sample import sample_image
 
@@ -174,6 +175,15 @@ def write_gqa_decoder(tmp: Path, manifest: dict, fam: Any, progress: Progress) -
              "fused norms (same weights; one prompt at a time), beside the eager decoder (batches, TensorRT)")
 
 
+def expected_bytes(fam: Any, precision: str) -> int:
+    """What the staging directory will hold at its fullest, from the checkpoint's element count: the float graphs
+    (fp32 / fp16), or for quantized precisions the float32 export plus the quantized copy written beside it."""
+    elements = sum(t.nbytes // {"float32": 4, "float64": 8}.get(t.dtype, 2 if "16" in t.dtype else 1)
+                   for t in fam.weights.checkpoint.tensors.values())
+    per = {"fp32": 4.0, "fp16": 2.0}.get(precision, 4.0 * 1.35)
+    return int(elements * per)
+
+
 def convert_to_onnx(model: str, out: str | Path, *, precision: str = "fp32", exporter: str = "dynamo",
                     config_overrides: dict[str, Any] | None = None, force: bool = False,
                     progress: Progress = _stderr, finalize: Callable[[Path, dict, Any], None] | None = None,
@@ -194,7 +204,7 @@ def convert_to_onnx(model: str, out: str | Path, *, precision: str = "fp32", exp
     from graph_passes.contract import ATTENTION_ROWS
     from graph_passes.extract_diagnostic import ExtractDiagnosticPass
     from graph_passes.insert_redistribution import InsertRedistributionPass
-    from graph_passes.io import load_model, save_model
+    from graph_passes.io import load_model, load_structure, save_model, save_structure
 
     from .loading import load_vlm
     from .onnx_export.decoder import export_decoder, io_names
@@ -215,32 +225,35 @@ def convert_to_onnx(model: str, out: str | Path, *, precision: str = "fp32", exp
     check_out_dir(out, force)
     t0 = time.perf_counter()
     steps = 7 if quantize else 6
-    progress(f"[1/{steps}] loading {model} ({precision})")
-    fam = load_vlm(model, dtype="float16" if precision == "fp16" else "float32")
+    streaming = exporter == "dynamo"  # traced without weights, each weight read from the checkpoint as it is written
+    progress(f"[1/{steps}] reading {model} ({precision}" + (", structure only: the weights stream from the "
+                                                           "checkpoint as they are written)" if streaming else ")"))
+    fam = load_vlm(model, dtype="float16" if precision == "fp16" else "float32", weights=not streaming)
     config = fam.scr_config(**(config_overrides or {}))
+    if streaming:
+        check_free_space(out.parent, expected_bytes(fam, precision), f"converting to {precision} ONNX")
     with staged_directory(out) as tmp:
         image_inputs = fam.process_images([sample_image()])
-        raw = tmp / "raw"
-        raw.mkdir()
         progress(f"[2/{steps}] exporting the vision encoder (dynamo)")
-        export_vision(fam, image_inputs, raw / GRAPH_FILES["vision"])
+        export_vision(fam, image_inputs, tmp / GRAPH_FILES["vision"])
         progress(f"[3/{steps}] exporting the token embeddings (dynamo)")
-        export_embed_tokens(fam, raw / GRAPH_FILES["embed_tokens"])
+        export_embed_tokens(fam, tmp / GRAPH_FILES["embed_tokens"])
         progress(f"[4/{steps}] exporting the decoder with KV cache ({exporter}"
                  + (f", opset {opset})" if opset else ")"))
-        export_decoder(fam, raw / "decoder.onnx", dynamo=exporter == "dynamo", opset=opset)
+        # the decoder's weights are written once, into decoder_model_merged.onnx.data; the diagnostic graph (a cut
+        # of the same graph) refers to that file too at fp32 / fp16; quantized graphs get weights of their own
+        export_decoder(fam, tmp / GRAPH_FILES["decoder"], dynamo=exporter == "dynamo", opset=opset)
         progress(f"[5/{steps}] graph passes: SCR after layers {config.layers[0]}..{config.layers[1]}, "
                  f"diagnostic over layers {config.diag_layers[0]}..{config.diag_layers[1]}")
-        decoder = load_model(raw / "decoder.onnx")
-        InsertRedistributionPass(config.layer_indices())(decoder)
-        save_model(decoder, tmp / GRAPH_FILES["decoder"])
-        diagnostic = load_model(raw / "decoder.onnx")
+        diagnostic = load_structure(tmp / GRAPH_FILES["decoder"])
         ExtractDiagnosticPass(config.diag_layer_indices())(diagnostic)
-        save_model(diagnostic, tmp / GRAPH_FILES["diagnostic"])
-        for key in ("vision", "embed_tokens"):  # re-saved: IR version 10, data beside each file
-            save_model(load_model(raw / GRAPH_FILES[key]), tmp / GRAPH_FILES[key])
+        save_structure(diagnostic, tmp / GRAPH_FILES["diagnostic"])
+        if quantize is not None:  # the quantize step rewrites the decoder's weights file: the diagnostic gets its own
+            save_model(load_model(tmp / GRAPH_FILES["diagnostic"]), tmp / GRAPH_FILES["diagnostic"])
+        decoder = load_structure(tmp / GRAPH_FILES["decoder"])
+        InsertRedistributionPass(config.layer_indices())(decoder)
+        save_structure(decoder, tmp / GRAPH_FILES["decoder"])
         del decoder, diagnostic
-        shutil.rmtree(raw)
         write_processing_files(fam, tmp)
         dec_in, dec_out = io_names(fam)
         manifest = {
@@ -265,8 +278,10 @@ def convert_to_onnx(model: str, out: str | Path, *, precision: str = "fp32", exp
         progress(f"[{steps}/{steps}] parity against the PyTorch reference")
         from .parity import report_to_dict, validate_directory
 
-        # the oracle is the float32 PyTorch model, whatever the exported precision
-        report = validate_directory(tmp, family=fam if fam.model.dtype == torch.float32 else None)
+        # the oracle is the float32 PyTorch model, whatever the exported precision; the exporter's model (weight-less
+        # when streamed) is dropped first, so the reference and the deployed runtime are the only models in memory
+        reference = fam if fam.model.dtype == torch.float32 and not streaming else None
+        report = validate_directory(tmp, family=reference)
         manifest["parity"] = report_to_dict(report)
         if finalize is not None:
             finalize(tmp, manifest, fam)

@@ -99,14 +99,38 @@ def _load_processing(path: Path, fix: str) -> tuple[Any, Any, dict[str, Any]]:
     return tokenizer, image_processor, processor_config
 
 
-def load_vlm(spec: str, *, dtype: str = "float32", device: str = "cpu") -> VLMFamily:
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """Parameters are created on the meta device (shapes only, no bytes); buffers (rotary tables, vocabulary maps)
+    are computed from the config as usual. Each parameter exists on the CPU only for the instant between its
+    creation and its move (an uninitialised allocation the kernel never backs)."""
+    import torch
+
+    register = torch.nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        register(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = torch.nn.Parameter(param.to("meta"), requires_grad=False)
+
+    torch.nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
+
+
+def load_vlm(spec: str, *, dtype: str = "float32", device: str = "cpu", weights: bool = True) -> VLMFamily:
     """Load MODEL with eager attention (the diagnostic pass needs attention probabilities).
 
     ``dtype`` is one of float32 (the parity reference), float16, bfloat16; ``device`` is cpu, cuda[:N] or auto.
+    ``weights=False`` builds the model's structure only (parameters on the meta device, no weight read): what the
+    streaming exporters trace; ``fam.weights`` (``onnx_export.weights.WeightSource``) then reads each weight from the
+    checkpoint's safetensors when it is written, after checking every shape against the config.
     """
     if dtype not in DTYPES:
         raise ModelLoadError(f"dtype {dtype!r} is not supported", f"use one of {', '.join(DTYPES)}")
-    device = resolve_device(device)
+    device = resolve_device(device) if weights else "cpu"
     import torch
     import transformers
 
@@ -116,13 +140,26 @@ def load_vlm(spec: str, *, dtype: str = "float32", device: str = "cpu") -> VLMFa
     with _quiet_transformers():
         model_cls = getattr(transformers, fam_cls.model_class)
         try:
-            model = model_cls.from_pretrained(path, attn_implementation="eager", dtype=torch_dtype)
+            if weights:
+                model = model_cls.from_pretrained(path, attn_implementation="eager", dtype=torch_dtype)
+            else:
+                from .checkpoint import Checkpoint
+
+                checkpoint = Checkpoint.open(path)  # a missing shard or index entry fails here, before any work
+                config = transformers.AutoConfig.from_pretrained(path)
+                with _parameters_on_meta():
+                    model = model_cls._from_config(config, attn_implementation="eager", dtype=torch_dtype)
+                model.tie_weights()
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"cannot load the {fam_cls.display_name} weights from {path}: {exc}",
                                  "check that the directory holds the model's weights (safetensors) and config") from None
         tokenizer, image_processor, processor_config = _load_processing(
             path, "the checkpoint directory needs its tokenizer and preprocessor_config.json")
-    model.to(device).eval()
+    (model.to(device) if weights else model).eval()
     fam = fam_cls(model, tokenizer, image_processor, processor_config)
     fam.source, fam.path, fam.preset = spec, path, preset
+    if not weights:
+        from .onnx_export.weights import WeightSource
+
+        fam.weights = WeightSource(model, checkpoint)  # checks every parameter's shape against the checkpoint
     return fam

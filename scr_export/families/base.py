@@ -39,6 +39,7 @@ class VLMFamily:
     scr_defaults: ClassVar[SCRConfig] = SCRConfig(layers=(0, 15), diag_layers=(8, 16))
     grid_rule: ClassVar[str] = ""                     # one line for `inspect`
     uses_mrope: ClassVar[bool] = False
+    weights: Any = None  # a WeightSource when loaded without weights (load_vlm(weights=False)): streaming export
 
     def __init__(self, model: Any, tokenizer: Any, image_processor: Any, processor_config: dict[str, Any]):
         self.model = model

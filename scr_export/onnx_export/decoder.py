@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from ..errors import SCRExportError
 from ..families import VLMFamily
 
 
@@ -107,8 +108,26 @@ def export_decoder(family: VLMFamily, path, *, dynamo: bool = True, opset: int |
         for name in outputs[1:]:
             axes[name] = {0: "batch", 2: "total"}
         kw = dict(dynamo=False, dynamic_axes=axes, opset_version=opset or 18)
-    with torch.no_grad():
-        torch.onnx.export(wrapper, args, str(path), input_names=inputs, output_names=outputs, **kw)
+    if not dynamo and getattr(family, "weights", None) is not None:
+        raise SCRExportError("the legacy exporter traces real weights; this model was loaded without them",
+                             "use --exporter dynamo (the default), which streams the weights")
+    export_module(family, wrapper, args, path, input_names=inputs, output_names=outputs, **kw)
+
+
+def export_module(family: VLMFamily, module: torch.nn.Module, args: tuple, path, **kw) -> None:
+    """``torch.onnx.export`` to ``path`` (IR version 10, weights in ``<name>.data``); for a family loaded without
+    weights (``load_vlm(weights=False)``), traced on the meta device with the weights streamed from the checkpoint
+    as the file is written (``weights.export_streaming``)."""
+    source = getattr(family, "weights", None)
+    if source is None:
+        with torch.no_grad():
+            torch.onnx.export(module, args, str(path), **kw)
+        return
+    from graph_passes.io import save_model
+
+    from .weights import export_streaming
+
+    save_model(export_streaming(module, args, source, **kw), path)
 
 
 def captured_decoder_inputs(family: VLMFamily, tensors: dict[str, Any]) -> dict[str, torch.Tensor]:

@@ -13,6 +13,7 @@ import torch
 
 from ..errors import SCRExportError
 from ..families import VLMFamily
+from .decoder import export_module
 
 
 class LlavaVision(torch.nn.Module):
@@ -72,7 +73,10 @@ class ChameleonVision(torch.nn.Module):
     def __init__(self, family: VLMFamily):
         super().__init__()
         vq = family.model.model.vqmodel
-        self.vqmodel = vq if next(vq.parameters()).dtype == torch.float32 else _float32_vq(family)
+        if getattr(family, "weights", None) is not None:
+            self.vqmodel = vq.float()  # no weights in memory: same parameters, read as float32 when written
+        else:
+            self.vqmodel = vq if next(vq.parameters()).dtype == torch.float32 else _float32_vq(family)
         # the code -> BPE id table as a buffer (transformers indexes a CPU tensor built lazily, which export rejects)
         self.register_buffer("img2bpe", family.model.model.vocabulary_mapping.img2bpe_mapping_tensor.long(),
                              persistent=False)
@@ -105,12 +109,15 @@ def _float32_vq(family: VLMFamily) -> torch.nn.Module:
 
 
 class EmbedTokens(torch.nn.Module):
+    """input_ids -> inputs_embeds in the decoder's float type (the table may be stored narrower: ``store``)."""
+
     def __init__(self, family: VLMFamily):
         super().__init__()
         self.embed = family.model.get_input_embeddings()
+        self.out_dtype = family.model.dtype
 
     def forward(self, input_ids):
-        return self.embed(input_ids)
+        return self.embed(input_ids).to(self.out_dtype)
 
 
 VISION_WRAPPERS = {"llava": LlavaVision, "internvl": InternVLVision, "qwen2_vl": Qwen2VLVision,
@@ -159,9 +166,8 @@ def export_vision(family: VLMFamily, image_inputs: dict[str, Any], path) -> None
         shapes = ({0: patches}, {0: patches}, None)
     else:
         shapes = ({0: Dim("images", min=1, max=256)},)
-    with torch.no_grad():
-        torch.onnx.export(module, args, str(path), input_names=names_in, output_names=names_out, dynamo=True,
-                          dynamic_shapes=shapes, optimize=True)
+    export_module(family, module, args, path, input_names=names_in, output_names=names_out, dynamo=True,
+                  dynamic_shapes=shapes, optimize=True)
 
 
 def export_embed_tokens(family: VLMFamily, path) -> None:
@@ -169,7 +175,14 @@ def export_embed_tokens(family: VLMFamily, path) -> None:
 
     module = EmbedTokens(family).eval()
     ids = torch.ones(2, 5, dtype=torch.long)
-    with torch.no_grad():
-        torch.onnx.export(module, (ids,), str(path), input_names=["input_ids"], output_names=["inputs_embeds"],
-                          dynamo=True, dynamic_shapes=({0: Dim("batch", min=1, max=1024), 1: Dim("seq", min=1)},),
-                          optimize=True)
+    table = module.embed.weight
+    source = getattr(family, "weights", None)
+    stored = source.stored_dtype(table) if source is not None else table.dtype
+    try:  # the table in the checkpoint's float type (a fp16 checkpoint's embeddings are not widened to fp32)
+        if stored != table.dtype:
+            module.embed.to(stored)  # in place: the same parameter (shared with a tied lm_head), restored below
+        export_module(family, module, (ids,), path, input_names=["input_ids"], output_names=["inputs_embeds"],
+                      dynamo=True, dynamic_shapes=({0: Dim("batch", min=1, max=1024), 1: Dim("seq", min=1)},),
+                      optimize=True)
+    finally:
+        module.embed.to(module.out_dtype)
