@@ -226,7 +226,7 @@ def _identity(plan: Any) -> bool:
 
 def convert_quantized(model: str, out: str | Path, *, spec: QuantizeSpec, config_overrides: dict | None = None,
                       force: bool = False, progress: Callable[[str], None] | None = None, exporter: str = "dynamo",
-                      trt_limits: Any = None, build: str = "auto", attention: str = "gqa"):
+                      trt_limits: Any = None, build: str = "auto", attention: str = "gqa", validate: bool = True):
     """`convert --precision int8|int4|fp8`: returns (out, report) for --to onnx and (out, report, engines) for trt.
     ``report`` is the validation against the float32 PyTorch model (and the engine-only comparison)."""
     from scr_export.convert import _stderr, check_out_dir, convert_to_onnx
@@ -244,9 +244,10 @@ def convert_quantized(model: str, out: str | Path, *, spec: QuantizeSpec, config
 
         return convert_to_trt(model, out, precision=spec.precision, limits=trt_limits or Limits(),
                               config_overrides=config_overrides, force=force, progress=progress, build=build,
-                              quantize=quantizer, opset=QUANT_OPSET)
+                              quantize=quantizer, opset=QUANT_OPSET, validate=validate)
     return convert_to_onnx(model, out, precision=spec.precision, exporter=exporter, config_overrides=config_overrides,
-                           force=force, progress=progress, quantize=quantizer, opset=QUANT_OPSET, attention=attention)
+                           force=force, progress=progress, quantize=quantizer, opset=QUANT_OPSET, attention=attention,
+                           validate=validate)
 
 
 __all__ = ["QuantizeSpec", "Quantizer", "convert_quantized", "QUANT_OPSET"]

@@ -17,6 +17,8 @@ them, norms, softmax, the attention MatMuls or the lm_head.
 
 from __future__ import annotations
 
+import os
+
 import re
 from pathlib import Path
 from typing import Any
@@ -130,18 +132,34 @@ def quantize_weight_only(src: Path, dst: Path, fmt: str, accuracy_level: int = I
 
     import onnx
 
+    import onnx_ir as ir
+    from onnx_ir import external_data
+
+    from graph_passes.io import save_model
+
     quant, keep = to_quantize(src)
     qf = QuantFormat.QOperator if fmt == "matmulnbits" else QuantFormat.QDQ
     level = accuracy_level if fmt == "matmulnbits" else None
-    model = onnx.load(str(src))  # weights needed: they are rewritten
+    # Streaming: the graph is read without its weights; ORT's quantizer reads each MatMul weight (onnx_ir's external
+    # tensor, memory-mapped, resolved from the graph's directory) when it quantizes it, so memory holds the quantized
+    # weights and one float weight, not the float model. What stays float (lm_head, norms) is never read here: the
+    # quantized graph is written by onnx_ir, which copies those tensors from the source file one at a time.
+    model = onnx.load(str(src), load_external_data=False)
     cfg = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True, accuracy_level=level,
                                        quant_format=qf, op_types_to_quantize=("MatMul",), bits=bits)
     q = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=True, accuracy_level=level,
                              nodes_to_exclude=keep, nodes_to_include=quant, quant_format=qf,
                              op_types_to_quantize=("MatMul",), algo_config=cfg)
-    with _QuietRoot():
-        q.process()
-    q.model.save_model_to_file(str(dst), use_external_data_format=True)
+    cwd = os.getcwd()
+    os.chdir(src.parent)  # the weights' locations are relative to the graph's directory
+    try:
+        with _QuietRoot():
+            q.process()
+    finally:
+        os.chdir(cwd)
+    quantized = ir.from_proto(q.model.model)
+    external_data.set_base_dir(quantized.graph, src.parent)
+    save_model(quantized, dst)
 
 
 # -- the structural check ------------------------------------------------------------------------------------------

@@ -261,6 +261,10 @@ class Convert(Command):
                             "the eager decoder only")
         p.add_argument("--force", action="store_true", help="replace DIR if it exists")
         p.add_argument("--no-fail-on-parity", action="store_true", help="exit 0 even when a parity gate fails")
+        p.add_argument("--no-validate", action="store_true",
+                       help="skip the parity step (the float32 PyTorch reference is the largest thing in memory for "
+                            "a 7B model: about 4 bytes per parameter); the manifest records 'not validated' and "
+                            "`run` says so; run `scr-export validate DIR` later, on a bigger box or with --device cuda")
         g = p.add_argument_group("SCR baked into the graphs (λ and k stay run-time inputs of the plan)")
         g.add_argument("--layers", metavar="A..B", help="decoder layers that get an SCR node")
         g.add_argument("--diag-layers", metavar="A..B", help="layers whose attention the diagnostic graph exposes")
@@ -296,7 +300,8 @@ class Convert(Command):
                             max_image_tokens=args.max_image_tokens, max_seq=args.max_seq)
             res = convert_quantized(args.model, args.out, spec=spec, config_overrides=_scr_overrides(args),
                                     force=args.force, progress=_log, exporter=args.exporter, trt_limits=limits,
-                                    build=args.build_engines, attention=args.attention or "gqa")
+                                    build=args.build_engines, attention=args.attention or "gqa",
+                                    validate=not args.no_validate)
             print(_tables(res[1]))
             if args.to == "trt" and res[2] is None:
                 print(f"TensorRT engines: NOT built here; run {res[0] / 'build_engines.sh'} on the target device")
@@ -309,28 +314,32 @@ class Convert(Command):
                             max_image_tokens=args.max_image_tokens, max_seq=args.max_seq)
             out, report, engines = convert_to_trt(args.model, args.out, precision=args.precision or "fp16",
                                                   limits=limits, config_overrides=_scr_overrides(args),
-                                                  force=args.force, progress=_log, build=args.build_engines)
+                                                  force=args.force, progress=_log, build=args.build_engines,
+                                                  validate=not args.no_validate)
             print(_tables(report))
             if engines is None:
                 print(f"TensorRT engines: NOT built here; run {out / 'build_engines.sh'} on the target device")
             else:
                 print("TensorRT engines: " + ", ".join(f"{g} ({i['scr_path']})" for g, i in engines["graphs"].items()))
-            return 0 if report or args.no_fail_on_parity else 1
+            return 0 if report is None or report or args.no_fail_on_parity else 1
         if args.to == "gguf":
             from runtimes.llamacpp.convert import convert_to_gguf
 
             _, reports = convert_to_gguf(args.model, args.out, quant=args.quant.lower(), images=args.images,
-                                         config_overrides=_scr_overrides(args), force=args.force, progress=_log)
+                                         config_overrides=_scr_overrides(args), force=args.force, progress=_log,
+                                         validate=not args.no_validate)
             print(_tables(reports))
             return 0 if _passed(reports) or args.no_fail_on_parity else 1
         _, report = convert_to_onnx(args.model, args.out, precision=args.precision or "fp32", exporter=args.exporter,
                                     config_overrides=_scr_overrides(args), force=args.force, progress=_log,
-                                    attention=args.attention or "gqa")
-        print(report.table())
-        return 0 if report or args.no_fail_on_parity else 1
+                                    attention=args.attention or "gqa", validate=not args.no_validate)
+        print(_tables(report))
+        return 0 if report is None or report or args.no_fail_on_parity else 1
 
 
 def _tables(reports) -> str:
+    if reports is None:
+        return "parity: NOT validated (--no-validate); the manifest says so. Check it later: scr-export validate DIR"
     if isinstance(reports, dict):
         quantized_onnx = "engine" in reports
         titles = {"dequantized": "against the PyTorch decoder on the GGUF's dequantized weights (engine error; gated)",
@@ -343,6 +352,8 @@ def _tables(reports) -> str:
 
 
 def _passed(reports) -> bool:
+    if reports is None:
+        return True  # --no-validate: nothing was judged (the manifest and `run` say so)
     return all(bool(r) for r in reports.values()) if isinstance(reports, dict) else bool(reports)
 
 
@@ -388,6 +399,10 @@ class Run(Command):
         runner = _runner(args.dir, args.device, args.runtime, args.attention)
         _log(f"loaded {args.dir} ({runner.manifest['display_name']}, {runner.manifest['precision']}) on "
              f"{runner.provider} in {time.perf_counter() - t0:.1f}s")
+        parity = runner.manifest.get("parity")
+        if isinstance(parity, dict) and parity.get("status") == "not validated":
+            _log(f"note: this directory was converted with --no-validate: its parity with the PyTorch reference "
+                 f"has not been checked (scr-export validate {args.dir})")
         config = runner.config.replace(**{k: v for k, v in _scr_overrides(args).items()})
         inputs = runner.encode([images], [args.prompt])
         t0 = time.perf_counter()

@@ -175,6 +175,13 @@ def write_gqa_decoder(tmp: Path, manifest: dict, fam: Any, progress: Progress) -
              "fused norms (same weights; one prompt at a time), beside the eager decoder (batches, TensorRT)")
 
 
+def not_validated() -> dict[str, str]:
+    """The manifest's parity entry of a directory converted with --no-validate (`run` says so once)."""
+    return {"status": "not validated",
+            "why": "converted with --no-validate (the PyTorch reference was not run)",
+            "fix": "scr-export validate DIR (on a machine with room for the float32 reference, or --device cuda)"}
+
+
 def expected_bytes(fam: Any, precision: str) -> int:
     """What the staging directory will hold at its fullest, from the checkpoint's element count: the float graphs
     (fp32 / fp16), or for quantized precisions the float32 export plus the quantized copy written beside it."""
@@ -188,7 +195,7 @@ def convert_to_onnx(model: str, out: str | Path, *, precision: str = "fp32", exp
                     config_overrides: dict[str, Any] | None = None, force: bool = False,
                     progress: Progress = _stderr, finalize: Callable[[Path, dict, Any], None] | None = None,
                     quantize: Callable[[Path, dict, Any], None] | None = None, opset: int | None = None,
-                    attention: str = "gqa"):
+                    attention: str = "gqa", validate: bool = True):
     """Write ``out`` with the four graphs, tokenizer / image processor files and manifest.json.
 
     ``quantize(staging_dir, manifest, family)`` turns the float32 graphs into the quantized ones before validation
@@ -275,14 +282,19 @@ def convert_to_onnx(model: str, out: str | Path, *, precision: str = "fp32", exp
         if attention == "gqa":
             write_gqa_decoder(tmp, manifest, fam, progress)
             write_manifest(tmp, manifest)
-        progress(f"[{steps}/{steps}] parity against the PyTorch reference")
-        from .parity import report_to_dict, validate_directory
+        report = None
+        if validate:
+            progress(f"[{steps}/{steps}] parity against the PyTorch reference")
+            from .parity import report_to_dict, validate_directory
 
-        # the oracle is the float32 PyTorch model, whatever the exported precision; the exporter's model (weight-less
-        # when streamed) is dropped first, so the reference and the deployed runtime are the only models in memory
-        reference = fam if fam.model.dtype == torch.float32 and not streaming else None
-        report = validate_directory(tmp, family=reference)
-        manifest["parity"] = report_to_dict(report)
+            # the oracle is the float32 PyTorch model, whatever the exported precision; the exporter's model is
+            # weight-less when streamed, so the reference and the deployed runtime are the only models in memory
+            reference = fam if fam.model.dtype == torch.float32 and not streaming else None
+            report = validate_directory(tmp, family=reference)
+            manifest["parity"] = report_to_dict(report)
+        else:
+            progress(f"[{steps}/{steps}] parity NOT checked (--no-validate): run `scr-export validate {out}` later")
+            manifest["parity"] = not_validated()
         if finalize is not None:
             finalize(tmp, manifest, fam)
         write_manifest(tmp, manifest)

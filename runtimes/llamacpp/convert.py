@@ -10,17 +10,17 @@ from typing import Any
 from scr_export.errors import SCRExportError
 
 from .gguf_vocab import check_tokenizer
-from .gguf_writer import TEXT_ARCH, write_text_gguf
+from .gguf_writer import TEXT_ARCH, file_dtype, write_text_gguf
 from .quantize import PRECISION_OF, QUANT_TYPES, quantize, tensor_types
 from .quirks import quirks_for
 
 
 def convert_to_gguf(model: str, out: str | Path, *, quant: str = "q8_0", config_overrides: dict[str, Any] | None = None,
-                    force: bool = False, images: str = "auto", progress=print):
+                    force: bool = False, images: str = "auto", progress=print, validate: bool = True):
     """``images``: "mmproj" (llama.cpp's own projector via libmtmd), "onnx" (our exported vision encoder), or
     "auto" (mmproj where llama.cpp supports the family, else onnx)."""
-    from scr_export.convert import (GRAPH_FILES, check_out_dir, host_graphs, manifest_common, staged_directory,
-                                    write_processing_files)
+    from scr_export.convert import (GRAPH_FILES, check_out_dir, host_graphs, manifest_common, not_validated,
+                                    staged_directory, write_processing_files)
     from scr_export.sample import sample_image
     from scr_export.loading import load_vlm
     from scr_export.manifest import write_manifest
@@ -34,8 +34,8 @@ def convert_to_gguf(model: str, out: str | Path, *, quant: str = "q8_0", config_
         raise SCRExportError(f"--quant {quant} is not supported", f"use one of {', '.join(QUANT_TYPES)}")
     check_out_dir(out, force)
     t0 = time.perf_counter()
-    progress(f"[1/5] loading {model}")
-    fam = load_vlm(model)
+    progress(f"[1/5] reading {model} (structure only: the weights stream from the checkpoint as they are written)")
+    fam = load_vlm(model, weights=False)
     if fam.name not in TEXT_ARCH:
         raise SCRExportError(f"--to gguf does not support {fam.display_name} yet",
                              f"supported families: {', '.join(TEXT_ARCH)}; use --to onnx for the others")
@@ -61,10 +61,17 @@ def convert_to_gguf(model: str, out: str | Path, *, quant: str = "q8_0", config_
         export_embed_tokens(fam, raw / GRAPH_FILES["embed_tokens"])
         for key in graph_keys:
             save_model(load_model(raw / GRAPH_FILES[key]), tmp / GRAPH_FILES[key])
-        progress(f"[3/5] writing the decoder as GGUF (f32) and quantizing to {quant} with llama.cpp")
-        f32 = raw / "model-f32.gguf"
-        info = write_text_gguf(fam, f32)
-        tokenizer_check = check_tokenizer(f32, fam.tokenizer)
+        # the decoder in the checkpoint's float type (f16 stays f16: never an f32 copy of an f16 model), read one
+        # tensor at a time; llama.cpp quantizes from that file (memory-mapped); --quant f32 writes f32 directly
+        dtype = "float32" if quant == "f32" else file_dtype(fam)
+        gguf_name = f"model-{quant}.gguf"
+        written = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}[dtype]
+        direct = written == quant
+        progress(f"[3/5] writing the decoder as GGUF ({written}, streamed from the checkpoint)"
+                 + ("" if direct else f" and quantizing to {quant} with llama.cpp"))
+        src = tmp / gguf_name if direct else raw / f"model-{written}.gguf"
+        info = write_text_gguf(fam, src, dtype=dtype)
+        tokenizer_check = check_tokenizer(src, fam.tokenizer)
         tk = info["tokenizer"]
         progress(f"      vocabulary: {tk['kind']}, llama.cpp model {tk['model']!r}, pre {tk['pre']!r}; llama.cpp "
                  f"tokenises {tokenizer_check['identical']}/{tokenizer_check['strings']} probe strings as the "
@@ -76,11 +83,8 @@ def convert_to_gguf(model: str, out: str | Path, *, quant: str = "q8_0", config_
                      "with tokenizer.json)")
         for quirk in quirks_for(info["architecture"]):
             progress(f"      note: {quirk}; the float comparison will show it")
-        gguf_name = f"model-{quant}.gguf"
-        if quant == "f32":
-            shutil.copyfile(f32, tmp / gguf_name)
-        else:
-            quantize(f32, tmp / gguf_name, quant)
+        if not direct:
+            quantize(src, tmp / gguf_name, quant)
         shutil.rmtree(raw)
         write_processing_files(fam, tmp)
         manifest = {
@@ -101,9 +105,14 @@ def convert_to_gguf(model: str, out: str | Path, *, quant: str = "q8_0", config_
             del manifest["graphs"]["vision"]
         manifest["versions"]["llama_cpp_python"] = _llama_version()
         write_manifest(tmp, manifest)
-        progress("[4/5] parity against the float PyTorch reference and the dequantized-weights reference")
-        reports = validate_directory(tmp, family=fam)
-        manifest["parity"] = {k: r.to_dict() for k, r in reports.items()}
+        reports = None
+        if validate:
+            progress("[4/5] parity against the float PyTorch reference and the dequantized-weights reference")
+            reports = validate_directory(tmp)  # the float32 reference loads here, after the weight-less exporter
+            manifest["parity"] = {k: r.to_dict() for k, r in reports.items()}
+        else:
+            progress(f"[4/5] parity NOT checked (--no-validate): run `scr-export validate {out}` later")
+            manifest["parity"] = not_validated()
         write_manifest(tmp, manifest)
     progress(f"[5/5] wrote {out} in {time.perf_counter() - t0:.1f}s")
     return out, reports

@@ -32,8 +32,64 @@ def _permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_text_gguf(family: Any, path: str | Path) -> dict[str, Any]:
-    """Write the decoder of ``family`` (float32) to ``path``; returns what the manifest should record."""
+def _tensor_plan(family: Any, permute: bool) -> list[tuple[str, Any, Any]]:
+    """(GGUF name, parameter, transform of its numpy array or None), in llama.cpp's order."""
+    tc = family.text_config
+    n_head = tc.num_attention_heads
+    n_kv = getattr(tc, "num_key_value_heads", None) or n_head
+    head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // n_head
+    lm = family.model.model.language_model if hasattr(family.model.model, "language_model") else family.model.model
+    params = dict(lm.named_parameters())
+
+    def qk(heads):
+        return (lambda w: _permute_qk(w, heads)) if permute else None
+
+    def head_norm(heads):  # Chameleon: per-head LayerNorms, stored per head in llama.cpp
+        def f(t):
+            t = np.broadcast_to(t, (heads, head_dim)) if t.ndim == 1 else t
+            return np.ascontiguousarray(_permute_head_dims(t) if permute else t)
+        return f
+
+    plan: list[tuple[str, Any, Any]] = [("token_embd.weight", params["embed_tokens.weight"], None)]
+    for i in range(tc.num_hidden_layers):
+        p, b = f"layers.{i}.", f"blk.{i}."
+        plan += [(b + "attn_norm.weight", params[p + "input_layernorm.weight"], None),
+                 (b + "attn_q.weight", params[p + "self_attn.q_proj.weight"], qk(n_head)),
+                 (b + "attn_k.weight", params[p + "self_attn.k_proj.weight"], qk(n_kv)),
+                 (b + "attn_v.weight", params[p + "self_attn.v_proj.weight"], None)]
+        for name, gg, heads in (("q", "attn_q", n_head), ("k", "attn_k", n_kv), ("v", "attn_v", n_kv)):
+            bias = params.get(p + f"self_attn.{name}_proj.bias")
+            if bias is not None:
+                plan.append((b + f"{gg}.bias", bias, qk(heads) if name in "qk" else None))
+        for norm, gg, heads in (("q_norm", "attn_q_norm", n_head), ("k_norm", "attn_k_norm", n_kv)):
+            for kind in ("weight", "bias"):
+                t = params.get(p + f"self_attn.{norm}.{kind}")
+                if t is not None:
+                    plan.append((b + f"{gg}.{kind}", t, head_norm(heads)))
+        plan += [(b + "attn_output.weight", params[p + "self_attn.o_proj.weight"], None),
+                 (b + "ffn_norm.weight", params[p + "post_attention_layernorm.weight"], None),
+                 (b + "ffn_gate.weight", params[p + "mlp.gate_proj.weight"], None),
+                 (b + "ffn_up.weight", params[p + "mlp.up_proj.weight"], None),
+                 (b + "ffn_down.weight", params[p + "mlp.down_proj.weight"], None)]
+    plan += [("output_norm.weight", params["norm.weight"], None),
+             ("output.weight", family.model.lm_head.weight, None)]
+    return plan
+
+
+def file_dtype(family: Any) -> str:
+    """The float type the decoder's matrices are stored in: the checkpoint's (f16 / bf16 / f32)."""
+    source = getattr(family, "weights", None)
+    if source is None:
+        return "float32"
+    return {"float16": "float16", "bfloat16": "bfloat16"}.get(source.checkpoint.float_dtype, "float32")
+
+
+def write_text_gguf(family: Any, path: str | Path, dtype: str = "float32", progress=None) -> dict[str, Any]:
+    """Write the decoder of ``family`` to ``path``, matrices in ``dtype`` (float32, float16 or bfloat16; vectors
+    such as norms and biases stay float32, as llama.cpp's converter writes them); returns what the manifest should
+    record. A family loaded without weights (``load_vlm(weights=False)``) streams: each tensor is read from the
+    checkpoint's safetensors, transformed and written before the next is read (gguf-py's tensor-info-then-data
+    writing), so the peak holds one tensor."""
     import gguf
     import torch
 
@@ -45,9 +101,20 @@ def write_text_gguf(family: Any, path: str | Path) -> dict[str, Any]:
     n_head = tc.num_attention_heads
     n_kv = getattr(tc, "num_key_value_heads", None) or n_head
     head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // n_head
-    lm = family.model.model.language_model if hasattr(family.model.model, "language_model") else family.model.model
-    state = {k: v.detach().to(torch.float32).cpu().numpy() for k, v in lm.state_dict().items()}
-    head = family.model.lm_head.weight.detach().to(torch.float32).cpu().numpy()
+    source = getattr(family, "weights", None)
+    matrix = {"float32": (np.float32, None), "float16": (np.float16, None),
+              "bfloat16": (np.uint16, gguf.GGMLQuantizationType.BF16)}[dtype]
+
+    def as_matrix(name: str, param) -> bool:  # vectors and norms stay float32 (llama.cpp's converter does the same)
+        return param.ndim >= 2 and "norm" not in name
+
+    def read(name: str, param) -> np.ndarray:
+        t = param.detach().cpu() if source is None else source.checkpoint.read(source.key(param))
+        if not as_matrix(name, param) or dtype == "float32":
+            return t.to(torch.float32).numpy()
+        if dtype == "bfloat16":
+            return t.to(torch.bfloat16).contiguous().view(torch.uint16).numpy()
+        return t.to(torch.float16).numpy()
 
     w = gguf.GGUFWriter(str(path), arch)
     w.add_name(f"scr-export {family.display_name} decoder")
@@ -66,41 +133,32 @@ def write_text_gguf(family: Any, path: str | Path) -> dict[str, Any]:
     if arch == "qwen2vl":  # M-RoPE sections (t, h, w) in rotary pairs, padded to llama.cpp's 4
         sections = list(rope.get("mrope_section") or [])
         w.add_rope_dimension_sections((sections + [0, 0, 0, 0])[:4])
-    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    w.add_file_type({"float32": gguf.LlamaFileType.ALL_F32, "float16": gguf.LlamaFileType.MOSTLY_F16,
+                     "bfloat16": gguf.LlamaFileType.MOSTLY_BF16}[dtype])
     vocab = write_vocabulary(w, family.tokenizer, family.path, family.name, tc.vocab_size)
 
-    w.add_tensor("token_embd.weight", state["embed_tokens.weight"])
-    for i in range(tc.num_hidden_layers):
-        p = f"layers.{i}."
-        q, k = state[p + "self_attn.q_proj.weight"], state[p + "self_attn.k_proj.weight"]
-        if permute:
-            q, k = _permute_qk(q, n_head), _permute_qk(k, n_kv)
-        w.add_tensor(f"blk.{i}.attn_norm.weight", state[p + "input_layernorm.weight"])
-        w.add_tensor(f"blk.{i}.attn_q.weight", q)
-        w.add_tensor(f"blk.{i}.attn_k.weight", k)
-        w.add_tensor(f"blk.{i}.attn_v.weight", state[p + "self_attn.v_proj.weight"])
-        for name, gg in (("q", "attn_q"), ("k", "attn_k"), ("v", "attn_v")):
-            bias = state.get(p + f"self_attn.{name}_proj.bias")
-            if bias is not None:
-                if permute and name in "qk":
-                    bias = _permute_qk(bias, n_head if name == "q" else n_kv)
-                w.add_tensor(f"blk.{i}.{gg}.bias", bias)
-        for norm, gg in (("q_norm", "attn_q_norm"), ("k_norm", "attn_k_norm")):  # Chameleon: per-head LayerNorms
-            for kind in ("weight", "bias"):
-                t = state.get(p + f"self_attn.{norm}.{kind}")
-                if t is not None:
-                    heads = n_head if norm == "q_norm" else n_kv
-                    t = np.broadcast_to(t, (heads, head_dim)) if t.ndim == 1 else t
-                    w.add_tensor(f"blk.{i}.{gg}.{kind}", np.ascontiguousarray(_permute_head_dims(t) if permute else t))
-        w.add_tensor(f"blk.{i}.attn_output.weight", state[p + "self_attn.o_proj.weight"])
-        w.add_tensor(f"blk.{i}.ffn_norm.weight", state[p + "post_attention_layernorm.weight"])
-        w.add_tensor(f"blk.{i}.ffn_gate.weight", state[p + "mlp.gate_proj.weight"])
-        w.add_tensor(f"blk.{i}.ffn_up.weight", state[p + "mlp.up_proj.weight"])
-        w.add_tensor(f"blk.{i}.ffn_down.weight", state[p + "mlp.down_proj.weight"])
-    w.add_tensor("output_norm.weight", state["norm.weight"])
-    w.add_tensor("output.weight", head)
+    plan = _tensor_plan(family, permute)
+    for name, param, transform in plan:  # tensor infos first (shapes only), data after, one tensor at a time
+        shape = tuple(param.shape)
+        if transform is not None and len(shape) == 1 and ("q_norm" in name or "k_norm" in name):
+            shape = ((n_head if "attn_q_norm" in name else n_kv), head_dim)
+        np_dtype, raw = matrix if as_matrix(name, param) else (np.float32, None)
+        n = int(np.prod(shape))
+        w.add_tensor_info(name, shape, np.dtype(np_dtype), n * np.dtype(np_dtype).itemsize, raw_dtype=raw)
     w.write_header_to_file()
     w.write_kv_data_to_file()
-    w.write_tensors_to_file()
+    w.write_ti_data_to_file()
+    iterator = plan
+    if progress is not None:
+        from tqdm import tqdm
+
+        iterator = tqdm(plan, desc="GGUF tensors", unit="tensor", file=progress, leave=False)
+    for name, param, transform in iterator:
+        arr = read(name, param)
+        if transform is not None:
+            arr = transform(arr)
+        w.write_tensor_data(np.ascontiguousarray(arr))
+        del arr
     w.close()
-    return {"architecture": arch, "qk_permuted": permute, "vocab": tc.vocab_size, "tokenizer": vocab}
+    return {"architecture": arch, "qk_permuted": permute, "vocab": tc.vocab_size, "tokenizer": vocab,
+            "dtype": dtype}

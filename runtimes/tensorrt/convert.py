@@ -58,8 +58,8 @@ def _write_ptx(directory: Path, progress) -> dict[str, Any]:
 def convert_to_trt(model: str, out: str | Path, *, precision: str = "fp16", limits: Limits = Limits(),
                    config_overrides: dict[str, Any] | None = None, force: bool = False,
                    progress: Callable[[str], None] | None = None, build: str = "auto",
-                   quantize: Callable | None = None, opset: int | None = None):
-    """Returns (out, ONNX Runtime parity report, engine record or None).
+                   quantize: Callable | None = None, opset: int | None = None, validate: bool = True):
+    """Returns (out, ONNX Runtime parity report (None with ``validate=False``), engine record or None).
 
     int8 / fp8 / int4 come through ``calibration.quantize.convert_quantized``, which passes its ``quantize`` step:
     the engines are then built from the quantized Q/DQ files as they are (explicit quantization, strongly typed).
@@ -104,7 +104,7 @@ def convert_to_trt(model: str, out: str | Path, *, precision: str = "fp16", limi
 
     out, report = convert_to_onnx(model, out, precision=precision, config_overrides=config_overrides, force=force,
                                   progress=progress, finalize=finalize, quantize=quantize, opset=opset,
-                                  attention="eager")  # GroupQueryAttention is an ONNX Runtime contrib op
+                                  attention="eager", validate=validate)  # GroupQueryAttention is an ONNX Runtime contrib op
     engines = None
     if build != "never" and why_not is None:
         from .engines import build_engines

@@ -1,0 +1,256 @@
+"""Conversion at real size (issue 20): graphs traced without weights and filled tensor by tensor from the checkpoint,
+no weight stored twice, bounded memory, and bad checkpoints refused before anything is written."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+FAMILIES = ["tiny-llava", "tiny-qwen2-vl", "tiny-internvl", "tiny-chameleon"]
+
+
+def cli(*args, timeout=900):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "scr_export.cli", *args], cwd=ROOT, capture_output=True, text=True,
+                          env=env, timeout=timeout)
+
+
+def _feeds(session, seed=0):
+    """Inputs for a decoder session with a past of 3 and 5 new tokens (batch 2), from the session's own types."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for i in session.get_inputs():
+        if i.name == "inputs_embeds":
+            feeds[i.name] = rng.standard_normal((2, 5, i.shape[2])).astype(np.float32)
+        elif i.name == "attention_mask":
+            feeds[i.name] = np.ones((2, 8), np.int64)
+        elif i.name == "position_ids":
+            pos = np.broadcast_to(np.arange(3, 8), (2, 5))
+            feeds[i.name] = np.ascontiguousarray(np.broadcast_to(pos, (3, 2, 5)) if len(i.shape) == 3 else pos)
+        else:  # past_key_values.*
+            feeds[i.name] = rng.standard_normal((2, i.shape[1], 3, i.shape[3])).astype(np.float32)
+    return feeds
+
+
+@pytest.mark.parametrize("preset", FAMILIES)
+def test_streamed_decoder_equals_the_in_memory_export(preset, tmp_path):
+    """The decoder traced on the meta device with lazily read weights computes exactly what the export of the
+    loaded model computes (same logits and KV, bit for bit), for every family."""
+    import onnxruntime as ort
+
+    from scr_export.loading import load_vlm
+    from scr_export.onnx_export.decoder import export_decoder
+
+    export_decoder(load_vlm(preset), tmp_path / "memory.onnx")
+    streamed = load_vlm(preset, weights=False)
+    assert all(p.device.type == "meta" for p in streamed.model.parameters())  # no weight was read to trace
+    export_decoder(streamed, tmp_path / "streamed.onnx")
+    a = ort.InferenceSession(str(tmp_path / "memory.onnx"), providers=["CPUExecutionProvider"])
+    b = ort.InferenceSession(str(tmp_path / "streamed.onnx"), providers=["CPUExecutionProvider"])
+    feeds = _feeds(a)
+    for x, y, out in zip(a.run(None, feeds), b.run(None, feeds), a.get_outputs()):
+        np.testing.assert_array_equal(x, y, err_msg=f"{preset}: {out.name}")
+
+
+def _fp16_checkpoint(tmp_path, preset="tiny-llava", shard="150KB"):
+    """The preset saved as an fp16 checkpoint in shards (as llava-hf ships 7B), with its processing files."""
+    import shutil
+
+    import torch
+
+    from scr_export.loading import load_vlm
+
+    fam = load_vlm(preset)
+    out = tmp_path / f"{preset}-fp16"
+    fam.model.to(torch.float16).save_pretrained(out, max_shard_size=shard)
+    for f in fam.path.iterdir():
+        if f.suffix in (".json", ".jinja") and not (out / f.name).exists():
+            shutil.copy(f, out / f.name)
+    return out
+
+
+@pytest.fixture(scope="module")
+def fp16_ckpt(tmp_path_factory):
+    return _fp16_checkpoint(tmp_path_factory.mktemp("ckpt"))
+
+
+def _data_bytes(directory: Path, graph: str) -> dict[str, int]:
+    """Bytes of each initializer of ``graph`` by data type name, and which files hold them."""
+    m = onnx.load(str(directory / graph), load_external_data=False)
+    by: dict[str, int] = {}
+    for t in m.graph.initializer:
+        size = next((int(e.value) for e in t.external_data if e.key == "length"), len(t.raw_data))
+        name = onnx.TensorProto.DataType.Name(t.data_type)
+        by[name] = by.get(name, 0) + size
+    return by
+
+
+def test_fp16_checkpoint_stays_fp16_and_no_weight_is_written_twice(fp16_ckpt, tmp_path):
+    """An fp16 checkpoint converts to an fp16 decoder whose weights are written once (the diagnostic graph names the
+    decoder's file), the token table stays fp16 even in an fp32 directory, and the shared-weights diagnostic graph
+    gives exactly the maps a copy with its own weights gives."""
+    import onnxruntime as ort
+
+    from graph_passes.io import load_model, save_model
+
+    ckpt_bytes = sum(f.stat().st_size for f in fp16_ckpt.glob("*.safetensors"))
+    out16 = tmp_path / "fp16"
+    res = cli("convert", str(fp16_ckpt), "--to", "onnx", "--precision", "fp16", "--out", str(out16))
+    assert res.returncode == 0, res.stderr[-3000:]
+    for graph in ("decoder_model_merged.onnx", "embed_tokens.onnx"):
+        assert set(_data_bytes(out16, graph)) <= {"FLOAT16", "INT64", "FLOAT", "INT32", "BOOL"}, graph
+        assert _data_bytes(out16, graph).get("FLOAT", 0) < 0.02 * ckpt_bytes, graph  # only small tables widened
+    diag = onnx.load(str(out16 / "diagnostic.onnx"), load_external_data=False)
+    locations = {e.value for t in diag.graph.initializer for e in t.external_data if e.key == "location"}
+    assert locations == {"decoder_model_merged.onnx.data"} and not (out16 / "diagnostic.onnx.data").exists()
+    data = sum(f.stat().st_size for f in out16.glob("*.onnx.data"))
+    assert data < 1.1 * ckpt_bytes, (data, ckpt_bytes)  # every weight once, at the checkpoint's width
+
+    out32 = tmp_path / "fp32"
+    res = cli("convert", str(fp16_ckpt), "--to", "onnx", "--no-validate", "--out", str(out32))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "NOT validated" in res.stdout
+    assert json.loads((out32 / "manifest.json").read_text())["parity"]["status"] == "not validated"
+    embed = _data_bytes(out32, "embed_tokens.onnx")
+    assert embed.get("FLOAT16", 0) > 0 and embed.get("FLOAT", 0) == 0  # the table at the checkpoint's width
+    run = cli("run", str(out32), "--image", "examples/red_car.png", "--prompt", "What?", "--max-new-tokens", "1")
+    assert run.returncode == 0 and run.stderr.count("converted with --no-validate") == 1, run.stderr[-2000:]
+
+    own = tmp_path / "own"
+    own.mkdir()
+    save_model(load_model(out32 / "diagnostic.onnx"), own / "diagnostic.onnx")
+    assert (own / "diagnostic.onnx.data").stat().st_size > 0
+    shared = ort.InferenceSession(str(out32 / "diagnostic.onnx"), providers=["CPUExecutionProvider"])
+    copied = ort.InferenceSession(str(own / "diagnostic.onnx"), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(1)
+    feeds = {"inputs_embeds": rng.standard_normal((1, 9, shared.get_inputs()[0].shape[2])).astype(np.float32),
+             "attention_mask": np.ones((1, 9), np.int64), "position_ids": np.arange(9)[None]}
+    np.testing.assert_array_equal(shared.run(None, feeds)[0], copied.run(None, feeds)[0])
+
+
+def test_gguf_from_fp16_checkpoint_is_written_in_fp16(fp16_ckpt, tmp_path):
+    """--to gguf from an fp16 checkpoint: the decoder GGUF is written f16 (never an f32 copy), --quant f16 is that
+    file itself, and the manifest says so."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is installed by the README's test command")
+    import gguf
+
+    out = tmp_path / "g"
+    res = cli("convert", str(fp16_ckpt), "--to", "gguf", "--quant", "f16", "--no-validate", "--out", str(out))
+    assert res.returncode == 0, res.stderr[-3000:]
+    reader = gguf.GGUFReader(str(out / "model-f16.gguf"))
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types["blk.0.attn_q.weight"] == "F16" and types["token_embd.weight"] == "F16"
+    assert types["blk.0.attn_norm.weight"] == "F32"  # vectors stay f32, as llama.cpp's converter writes them
+    assert not list(out.rglob("*f32*.gguf"))
+
+
+def _shards(tmp_path):
+    import shutil
+
+    from scr_export.presets import ensure_preset
+
+    src = ensure_preset("tiny-llava")
+    ckpt = tmp_path / "sharded"
+    import torch
+    import transformers
+
+    model = transformers.LlavaForConditionalGeneration.from_pretrained(src, dtype=torch.float32)
+    model.save_pretrained(ckpt, max_shard_size="200KB")
+    for f in src.iterdir():
+        if f.suffix in (".json", ".jinja") and not (ckpt / f.name).exists():
+            shutil.copy(f, ckpt / f.name)
+    return ckpt
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    return _shards(tmp_path_factory.mktemp("sharded"))
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.mark.parametrize("case", ["missing_shard", "index_points_nowhere", "wrong_shape", "missing_shard_gguf"])
+def test_bad_checkpoints_are_refused_before_anything_is_written(case, sharded, tmp_path):
+    ckpt = _copy(sharded, tmp_path / "ckpt")
+    shards = sorted(ckpt.glob("model-*.safetensors"))
+    assert len(shards) >= 3
+    to = ["--to", "onnx"]
+    if case in ("missing_shard", "missing_shard_gguf"):
+        shards[1].unlink()
+        (ckpt / "model.safetensors.index.json").unlink()
+        expect = shards[1].name
+        to = ["--to", "gguf"] if case == "missing_shard_gguf" else to
+    elif case == "index_points_nowhere":
+        index = json.loads((ckpt / "model.safetensors.index.json").read_text())
+        key = next(iter(index["weight_map"]))
+        index["weight_map"][key] = "model-99999-of-99999.safetensors"
+        (ckpt / "model.safetensors.index.json").write_text(json.dumps(index))
+        expect = "model-99999-of-99999.safetensors"
+    else:
+        cfg = json.loads((ckpt / "config.json").read_text())
+        cfg["text_config"]["intermediate_size"] += 32
+        (ckpt / "config.json").write_text(json.dumps(cfg))
+        expect = "mlp.gate_proj.weight"
+    out = tmp_path / "out"
+    res = cli("convert", str(ckpt), *to, "--out", str(out))
+    assert res.returncode == 2, res.stderr[-3000:]
+    errors = [line for line in res.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and expect in errors[0], res.stderr[-2000:]
+    assert "fix:" in res.stderr and "Traceback" not in res.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no output, no staging directory left
+
+
+def test_too_little_disk_is_refused_before_writing(sharded, tmp_path, monkeypatch):
+    """The free space is checked against the expected bytes before the export writes anything."""
+    import shutil
+    from collections import namedtuple
+
+    from scr_export.convert import convert_to_onnx
+    from scr_export.errors import SCRExportError
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 4096, 4096))
+    out = tmp_path / "out"
+    with pytest.raises(SCRExportError) as err:
+        convert_to_onnx(str(sharded), out, progress=lambda m: None)
+    assert "GiB free" in err.value.problem and "larger disk" in err.value.fix
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_conversion_memory_is_bounded_by_the_checkpoint(tmp_path):
+    """Each route's peak RSS, above the interpreter with the libraries loaded, stays under its bound in multiples of
+    a ~260 MB fp16 checkpoint (before streaming: fp32 ONNX 7x, Q4_0 GGUF 9x)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import convert_scale
+
+    ckpt = convert_scale.build_checkpoint(tmp_path / "ckpt", 4, size="test")
+    ck = convert_scale.weight_bytes(ckpt)
+    assert 200e6 < ck < 400e6
+    base = convert_scale.baseline_rss()
+    for route, bound in (("fp32", 2.5), ("fp16", 1.5), ("int4", 1.5), ("q4_0", 1.5)):
+        r = convert_scale.run_route(ckpt, route, tmp_path / route, 4, validate=False)
+        assert r["rc"] == 0, r["tail"]
+        assert (r["peak_rss"] - base) <= bound * ck, (route, r["peak_rss"] / 1e6, base / 1e6, ck / 1e6)
+
+
+def test_convert_scale_benchmark_smoke(tmp_path):
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "convert_scale.py"), "--smoke", "--work",
+                          str(tmp_path)], capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "fp32 1L  peak RSS" in res.stdout and "q8_0 1L  peak RSS" in res.stdout and "LLaVA-1.5-7B" in res.stdout
