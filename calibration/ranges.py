@@ -9,10 +9,11 @@ calibration data, the method, the decode steps, the graph and the versions that 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
 import json
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -67,10 +68,17 @@ def calibrate(model_path: Path, reader: Any, method: CalibrationMethod, tensors:
             chosen, value_infos = super().select_tensors_to_calibrate(model)
             return (chosen if wanted is None else {t for t in chosen if t in wanted}), value_infos
 
-    with tempfile.TemporaryDirectory(prefix="scr-calib-") as tmp:
-        calibrator = Selected(Path(model_path), list(op_types) if op_types else None, str(Path(tmp) / "aug.onnx"),
-                              use_external_data_format=True, **kwargs)
+    model_path = Path(model_path)
+    # The augmented graph (the model with the calibrated tensors as extra outputs) is written beside the model and
+    # keeps referring to its weights file: ORT's calibrator would load the float model twice (to infer shapes, then
+    # to save the augmented copy) and write a second copy of the weights; here it sees the graph without weights.
+    aug = model_path.with_name(f".calibration-{model_path.stem}-{os.getpid()}.onnx")
+    try:
+        with _structure_only_loading():
+            calibrator = Selected(model_path, list(op_types) if op_types else None, str(aug),
+                                  use_external_data_format=False, **kwargs)
         calibrator.augment_graph()
+        calibrator.model = None  # its structure only, and not needed again
         calibrator.execution_providers = ["CPUExecutionProvider"]
         calibrator.create_inference_session()
         for feeds in reader.per_sample():
@@ -81,7 +89,31 @@ def calibrate(model_path: Path, reader: Any, method: CalibrationMethod, tensors:
                     calibrator.collect_data(_Feeds([feed]))
         data = calibrator.compute_data()
         del calibrator
+    finally:
+        aug.unlink(missing_ok=True)
     return data
+
+
+@contextlib.contextmanager
+def _structure_only_loading():
+    """While ORT's calibrator is built, its model loader reads the graph without the external weights (shape
+    inference needs none of them)."""
+    import onnx
+    from onnxruntime.quantization import calibrate as C
+    from onnxruntime.quantization.quant_utils import add_infer_metadata
+
+    original = C.load_model_with_shape_infer
+
+    def load(path: Path):
+        model = onnx.shape_inference.infer_shapes(onnx.load(str(path), load_external_data=False))
+        add_infer_metadata(model)
+        return model
+
+    C.load_model_with_shape_infer = load
+    try:
+        yield
+    finally:
+        C.load_model_with_shape_infer = original
 
 
 def cached_ranges(key: str, compute, *, progress=lambda m: None) -> tuple[Path, bool]:

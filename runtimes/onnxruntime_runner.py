@@ -363,7 +363,16 @@ class OrtVLM:
         precision = self.manifest["precision"]
         return f"{precision}/float" if precision in QUANTIZED else precision
 
-    def engine_reference(self, family: Any, inputs: VLMInputs):
+    def release(self) -> None:
+        """Drop the sessions (reloaded on first use) and the unfused twin."""
+        import gc
+
+        self.sessions.clear()
+        self._input_types.clear()
+        self._engine = None
+        gc.collect()
+
+    def engine_reference(self, family: Any, inputs: VLMInputs, in_place: bool = False):
         """Quantized graphs: the same graphs run unfused (kernel error apart from quantization error)."""
         precision = self.manifest["precision"]
         if precision not in QUANTIZED or self.unfused:

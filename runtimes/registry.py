@@ -48,8 +48,13 @@ class VLMRuntime(Protocol):
     def float_gate(self) -> str:
         """The parity gate (``scr_export.parity.GATES``) of this directory against the float32 PyTorch model."""
 
-    def engine_reference(self, family: Any, inputs: Any) -> tuple[str, Any, str] | None:
-        """(name, reference with ``generate``, gate) that isolates this engine's own error, or None."""
+    def engine_reference(self, family: Any, inputs: Any, in_place: bool = False) -> tuple[str, Any, str] | None:
+        """(name, reference with ``generate``, gate) that isolates this engine's own error, or None. ``in_place``:
+        the float ``family`` is not needed afterwards, so the reference may take over its weights."""
+
+    def release(self) -> None:
+        """Let go of the model's memory (sessions, cached references) until the next run needs it again, so that
+        validation can run the PyTorch reference in between with the deployed model out of memory."""
 
 
 def check_context(length: int, new_tokens: int, limit: int | None, what: str) -> None:

@@ -206,22 +206,44 @@ def default_inputs():
     return [[sample_image()]], ["What is in this picture? Describe the main object."]
 
 
+@dataclasses.dataclass
+class ReferenceRuns:
+    """What a reference computed for one input (with SCR, teacher-forcing tokens and plan; without SCR): all the
+    candidate's comparison needs, so the reference can be freed before the candidate runs."""
+    on: Any
+    off: Any
+
+
+def reference_runs(reference: Any, inputs: Any, cfg: Any, steps: int, answer_tokens: int = 1) -> ReferenceRuns:
+    """Run ``reference`` (a ``TorchReference``, a family, or another runner) on ``inputs``: greedy with SCR for
+    ``steps`` tokens, and without SCR for ``answer_tokens``."""
+    if not hasattr(reference, "generate"):
+        from .reference import TorchReference
+
+        reference = TorchReference(reference)
+    on = reference.generate(inputs, config=cfg, max_new_tokens=steps, stop_at_eos=False, keep_prefill_logits=True)
+    off = reference.generate(inputs, config=cfg, scr=False, max_new_tokens=max(1, answer_tokens), stop_at_eos=False,
+                             keep_prefill_logits=True)
+    return ReferenceRuns(on, off)
+
+
 def _compare_runs(runner: Any, reference: Any, inputs: Any, cfg: Any, steps: int, precision: str,
                   answer_tokens: int = 1) -> ParityReport:
     """One candidate runtime against a reference (a ``TorchReference`` or another runner), teacher-forced on the
     reference's own greedy tokens. ``answer_tokens``: how many tokens the runs without SCR generate freely (their
     answers, for POPE; the runs with SCR generate ``steps``)."""
-    if not hasattr(reference, "generate"):
-        from .reference import TorchReference
+    return judge(runner, reference_runs(reference, inputs, cfg, steps, answer_tokens), inputs, cfg, steps, precision,
+                 answer_tokens)
 
-        reference = TorchReference(reference)
-    ref_on = reference.generate(inputs, config=cfg, max_new_tokens=steps, stop_at_eos=False, keep_prefill_logits=True)
+
+def judge(runner: Any, ref: ReferenceRuns, inputs: Any, cfg: Any, steps: int, precision: str,
+          answer_tokens: int = 1) -> ParityReport:
+    """The candidate ``runner`` against a reference's recorded runs, with the gate of ``precision``."""
+    ref_on, ref_off = ref.on, ref.off
     forced = ref_on.tokens.tolist()
     cand_on = runner.generate(inputs, config=cfg, forced_tokens=forced, keep_prefill_logits=True)
     cand_free = runner.generate(inputs, config=cfg, max_new_tokens=steps, stop_at_eos=False)
     off_tokens = max(1, answer_tokens)
-    ref_off = reference.generate(inputs, config=cfg, scr=False, max_new_tokens=off_tokens, stop_at_eos=False,
-                                 keep_prefill_logits=True)
     cand_off = runner.generate(inputs, config=cfg, scr=False, max_new_tokens=off_tokens, stop_at_eos=False,
                                keep_prefill_logits=True)
     comparisons = [Comparison.of("prefill logits (SCR)", cand_on.prefill_logits, ref_on.prefill_logits),
@@ -282,10 +304,11 @@ def references(runner: Any, family: Any, inputs: Any) -> dict[str, tuple[Any, st
 
 def compare_inputs(runner: Any, family: Any, inputs: Any, steps: int, answer_tokens: int = 1):
     """The runner against each of its references: one report (the float model alone), or ``{engine name: ...,
-    "float": ...}``."""
-    refs = references(runner, family, inputs)
-    reports = {name: _compare_runs(runner, ref, inputs, runner.config, steps, gate, answer_tokens)
-               for name, (ref, gate) in refs.items()}
+    "float": ...}``. Every reference runs before the candidate does."""
+    runs = {name: (reference_runs(ref, inputs, runner.config, steps, answer_tokens), gate)
+            for name, (ref, gate) in references(runner, family, inputs).items()}
+    reports = {name: judge(runner, ref, inputs, runner.config, steps, gate, answer_tokens)
+               for name, (ref, gate) in runs.items()}
     return reports["float"] if len(reports) == 1 else reports
 
 
@@ -337,11 +360,59 @@ def validate_directory(directory: str | Path, *, family: Any = None, images=None
     GGUF's dequantized weights, a quantized ONNX graph run unfused) is also judged against it, kernel error apart
     from quantization error; then the result is ``{engine name: ..., "float": ...}``, else one report.
     """
-    runner, family = open_for_validation(directory, family=family, device=device, runtime=runtime,
-                                         attention=attention)
+    if family is not None:  # the caller holds the reference in memory anyway
+        runner, family = open_for_validation(directory, family=family, device=device, runtime=runtime,
+                                             attention=attention)
+        if images is None:
+            images, prompts = default_inputs()
+        return compare_inputs(runner, family, runner.encode(images, prompts), steps)
+    return validate_in_sequence(directory, images=images, prompts=prompts, steps=steps, device=device,
+                                runtime=runtime, attention=attention)
+
+
+def validate_in_sequence(directory: str | Path, *, images=None, prompts=None, steps: int = 16, device: str = "auto",
+                         runtime: str = "auto", attention: str = "auto"):
+    """``validate_directory`` with the models in memory one after the other: the runtime encodes the inputs and
+    lets go of its weights (``release``, where it has it), the PyTorch reference is loaded, run and freed (with
+    the engine reference, which may reuse its weights in place), and only then does the deployed model run. The
+    peak is the larger of the two, not their sum (a 7B float32 reference alone is 28 GB)."""
+    import gc
+
+    from runtimes.registry import open_runtime
+
+    runner = open_runtime(directory, runtime, device=device, attention=attention)
     if images is None:
         images, prompts = default_inputs()
-    return compare_inputs(runner, family, runner.encode(images, prompts), steps)
+    inputs = runner.encode(images, prompts)
+    release = getattr(runner, "release", None)
+    if release is not None:
+        release()
+    from .reference import TorchReference
+
+    family = load_reference(runner.manifest)
+    cfg = runner.config
+    runs = {"float": (reference_runs(TorchReference(family), inputs, cfg, steps), runner.float_gate())}
+    engine = runner.engine_reference(family, inputs, in_place=True)  # after the float runs: may reuse its weights
+    if engine is not None:
+        runs = {engine[0]: (reference_runs(engine[1], inputs, cfg, steps), engine[2]), **runs}
+        if release is not None:
+            release()  # the cached engine reference (the deployed model reloads when it runs)
+    del family, engine
+    gc.collect()
+    reports = {name: judge(runner, ref, inputs, cfg, steps, gate) for name, (ref, gate) in runs.items()}
+    return reports["float"] if len(reports) == 1 else reports
+
+
+def load_reference(manifest: dict) -> Any:
+    """The float32 PyTorch model of the manifest's checkpoint (its hash checked)."""
+    from .loading import load_vlm
+    from .manifest import checkpoint_hash
+
+    family = load_vlm(manifest["source"]["model"])
+    if checkpoint_hash(family.path) != manifest["source"]["sha256"]:
+        raise SCRExportError(f"the checkpoint {manifest['source']['model']} changed since the conversion "
+                             "(its hash differs from the manifest's)", "convert again from the current checkpoint")
+    return family
 
 
 def report_to_dict(report) -> dict:

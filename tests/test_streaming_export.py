@@ -133,8 +133,16 @@ def test_fp16_checkpoint_stays_fp16_and_no_weight_is_written_twice(fp16_ckpt, tm
     shared = ort.InferenceSession(str(out32 / "diagnostic.onnx"), providers=["CPUExecutionProvider"])
     copied = ort.InferenceSession(str(own / "diagnostic.onnx"), providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(1)
-    feeds = {"inputs_embeds": rng.standard_normal((1, 9, shared.get_inputs()[0].shape[2])).astype(np.float32),
-             "attention_mask": np.ones((1, 9), np.int64), "position_ids": np.arange(9)[None]}
+    feeds = {}
+    for i in shared.get_inputs():  # a prefill: 9 tokens, empty past
+        if i.name == "inputs_embeds":
+            feeds[i.name] = rng.standard_normal((1, 9, i.shape[2])).astype(np.float32)
+        elif i.name == "attention_mask":
+            feeds[i.name] = np.ones((1, 9), np.int64)
+        elif i.name == "position_ids":
+            feeds[i.name] = np.arange(9)[None]
+        else:
+            feeds[i.name] = np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32)
     np.testing.assert_array_equal(shared.run(None, feeds)[0], copied.run(None, feeds)[0])
 
 

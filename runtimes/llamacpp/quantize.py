@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import copy
+import copy as copy_module
 import ctypes
 from pathlib import Path
 from typing import Any
@@ -45,61 +45,74 @@ def tensor_types(path: Path) -> dict[str, int]:
     return counts
 
 
-def dequantized_model(family: Any, gguf_path: Path, qk_permuted: bool) -> Any:
-    """A copy of ``family`` whose decoder weights are the GGUF's, dequantized to float32."""
+def dequantized_model(family: Any, gguf_path: Path, qk_permuted: bool, copy: bool = True) -> Any:
+    """A copy of ``family`` whose decoder weights are the GGUF's, dequantized to float32 (``copy=False``: ``family``
+    itself, its decoder weights replaced: one float model in memory instead of two). Tensors are dequantized one at
+    a time, straight into the parameter they replace."""
     import gguf
     import torch
 
-
     reader = gguf.GGUFReader(str(gguf_path))
+    tensors = {t.name: t for t in reader.tensors}
     tc = family.text_config
     n_head = tc.num_attention_heads
     n_kv = getattr(tc, "num_key_value_heads", None) or n_head
-    weights = {}
-    for t in reader.tensors:
-        arr = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
-        weights[t.name] = arr.reshape(tuple(int(x) for x in reversed(t.shape.tolist())))
 
-    def unpermute(w, heads):
-        # inverse of _permute_qk: the same reshape/swap read backwards
-        return w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    def read(name: str) -> np.ndarray:
+        t = tensors[name]
+        arr = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
+        return arr.reshape(tuple(int(x) for x in reversed(t.shape.tolist())))
 
-    clone = copy.deepcopy(family)
-    clone.model = copy.deepcopy(family.model)
+    def unpermute(heads):  # inverse of _permute_qk: the same reshape/swap read backwards
+        return lambda w: w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+    def head_order(t):  # undo the within-head order of the permuted Q/K rows (Chameleon's q/k norms)
+        hd = t.shape[-1]
+        return t.reshape(*t.shape[:-1], hd // 2, 2).swapaxes(-1, -2).reshape(t.shape)
+
+    if copy:
+        clone = copy_module.deepcopy(family)
+        clone.model = copy_module.deepcopy(family.model)
+    else:
+        clone = family
     lm = clone.model.model.language_model if hasattr(clone.model.model, "language_model") else clone.model.model
-    sd = {"embed_tokens.weight": weights["token_embd.weight"], "norm.weight": weights["output_norm.weight"]}
+    plan: list[tuple[str, str, Any]] = [("embed_tokens.weight", "token_embd.weight", None),
+                                        ("norm.weight", "output_norm.weight", None)]
     for i in range(tc.num_hidden_layers):
         p, b = f"layers.{i}.", f"blk.{i}."
-        q, k = weights[b + "attn_q.weight"], weights[b + "attn_k.weight"]
-        if qk_permuted:
-            q, k = unpermute(q, n_head), unpermute(k, n_kv)
-        sd.update({p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k,
-                   p + "self_attn.v_proj.weight": weights[b + "attn_v.weight"],
-                   p + "self_attn.o_proj.weight": weights[b + "attn_output.weight"],
-                   p + "input_layernorm.weight": weights[b + "attn_norm.weight"],
-                   p + "post_attention_layernorm.weight": weights[b + "ffn_norm.weight"],
-                   p + "mlp.gate_proj.weight": weights[b + "ffn_gate.weight"],
-                   p + "mlp.up_proj.weight": weights[b + "ffn_up.weight"],
-                   p + "mlp.down_proj.weight": weights[b + "ffn_down.weight"]})
+        plan += [(p + "self_attn.q_proj.weight", b + "attn_q.weight", unpermute(n_head) if qk_permuted else None),
+                 (p + "self_attn.k_proj.weight", b + "attn_k.weight", unpermute(n_kv) if qk_permuted else None),
+                 (p + "self_attn.v_proj.weight", b + "attn_v.weight", None),
+                 (p + "self_attn.o_proj.weight", b + "attn_output.weight", None),
+                 (p + "input_layernorm.weight", b + "attn_norm.weight", None),
+                 (p + "post_attention_layernorm.weight", b + "ffn_norm.weight", None),
+                 (p + "mlp.gate_proj.weight", b + "ffn_gate.weight", None),
+                 (p + "mlp.up_proj.weight", b + "ffn_up.weight", None),
+                 (p + "mlp.down_proj.weight", b + "ffn_down.weight", None)]
         for norm, gg in (("q_norm", "attn_q_norm"), ("k_norm", "attn_k_norm")):
             for kind in ("weight", "bias"):
-                if b + f"{gg}.{kind}" in weights:
-                    t = weights[b + f"{gg}.{kind}"]
-                    if qk_permuted:  # undo the within-head order of the permuted Q/K rows
-                        hd = t.shape[-1]
-                        t = t.reshape(*t.shape[:-1], hd // 2, 2).swapaxes(-1, -2).reshape(t.shape)
-                    sd[p + f"self_attn.{norm}.{kind}"] = t
+                if b + f"{gg}.{kind}" in tensors:
+                    plan.append((p + f"self_attn.{norm}.{kind}", b + f"{gg}.{kind}",
+                                 head_order if qk_permuted else None))
         for name, gg in (("q", "attn_q"), ("k", "attn_k"), ("v", "attn_v")):
-            if b + f"{gg}.bias" in weights:
-                bias = weights[b + f"{gg}.bias"]
-                if qk_permuted and name in "qk":
-                    bias = unpermute(bias, n_head if name == "q" else n_kv)
-                sd[p + f"self_attn.{name}_proj.bias"] = bias
-    missing, unexpected = lm.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()},
-                                             strict=False)
-    missing = [m for m in missing if not m.startswith("vqmodel.")]  # Chameleon's VQ tokenizer is not in the GGUF
-    if unexpected or any(not m.endswith("rotary_emb.inv_freq") for m in missing):
-        raise SCRExportError(f"the GGUF does not map onto the decoder (missing {missing}, unexpected {unexpected})",
+            if b + f"{gg}.bias" in tensors:
+                heads = n_head if name == "q" else n_kv
+                plan.append((p + f"self_attn.{name}_proj.bias", b + f"{gg}.bias",
+                             unpermute(heads) if qk_permuted and name in "qk" else None))
+    params = dict(lm.named_parameters())
+    missing = [g for _, g, _ in plan if g not in tensors]
+    unknown = [n for n, _, _ in plan if n not in params]
+    if missing or unknown:
+        raise SCRExportError(f"the GGUF does not map onto the decoder (missing {missing}, unexpected {unknown})",
                              "convert again")
-    clone.model.lm_head.weight.data = torch.from_numpy(np.ascontiguousarray(weights["output.weight"]))
+    with torch.no_grad():
+        for name, gguf_name, transform in plan:
+            arr = read(gguf_name)
+            if transform is not None:
+                arr = transform(arr)
+            param = params[name]
+            if tuple(param.shape) != arr.shape:
+                arr = arr.reshape(param.shape)  # per-head norms stored [heads, head_dim] where the model has them so
+            param.data = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+        clone.model.lm_head.weight.data = torch.from_numpy(np.ascontiguousarray(read("output.weight")))
     return clone

@@ -87,7 +87,11 @@ class LlamaCppVLM:
         (random tiny models exaggerate quantization error, so the float comparison is reported)."""
         return "fp32" if self.manifest["precision"] == "fp32" else "report"
 
-    def engine_reference(self, family, inputs: VLMInputs):
+    def release(self) -> None:
+        """Drop the dequantized-weights reference (the GGUF model itself stays: it is the quantized one)."""
+        self._dequantized = None
+
+    def engine_reference(self, family, inputs: VLMInputs, in_place: bool = False):
         """The same decoder in PyTorch on the GGUF's dequantized weights, with llama.cpp's known quirks, fed the
         image features llama.cpp used: engine error alone."""
         from scr_export.reference import TorchReference, image_features_override
@@ -97,7 +101,7 @@ class LlamaCppVLM:
 
         g = self.manifest["gguf"]
         if self._dequantized is None or self._dequantized[0] is not family:  # once per family (dataset validation)
-            deq = dequantized_model(family, self.dir / g["file"], g["qk_permuted"])
+            deq = dequantized_model(family, self.dir / g["file"], g["qk_permuted"], copy=not in_place)
             apply_quirks(deq, g["architecture"])
             self._dequantized = (family, deq)
         deq = self._dequantized[1]
