@@ -124,7 +124,7 @@ class Quantizer:
             reader = SCRCalibrationReader(runner, spec.calibration.samples, graph=graph, scr=scr,
                                           decode_steps=spec.decode_steps)
             readers.append(reader)
-            data = ranges.calibrate(graph_file, reader, method, tensors)
+            data = ranges.calibrate(graph_file, reader, method, tensors, shared=runner.shared_weights)
             n = len(spec.calibration.samples)
             self.progress(f"calibrated {graph} (SCR {'on' if scr else 'off'}, {method.name}): {n} samples, "
                           f"{reader.feeds_seen} feeds in {reader.seconds:.1f}s ({n / max(reader.seconds, 1e-9):.2f} "
@@ -162,7 +162,8 @@ class Quantizer:
         }
         if spec.needs_calibration:
             method = CalibrationMethod.MinMax if spec.precision == "int8" else CalibrationMethod.Distribution
-            runner = OrtVLM(tmp, device="cpu", scr_kernel="function", attention="eager")  # the float graphs, as `run` runs them
+            # the float graphs, as `run` runs them; the weights file mapped once for the runner and the calibrator
+            runner = OrtVLM(tmp, device="cpu", scr_kernel="function", attention="eager", share_weights=True)
             cal: dict[str, Any] = {**spec.calibration.describe(), "method": method.name,
                                    "decode_steps": spec.decode_steps, "graphs": {}}
             if spec.calibration.synthetic:
@@ -207,6 +208,8 @@ class Quantizer:
             first, last = manifest["scr"]["layers"]
             structure = check_quantized(dst, "int8" if prec == "w8" else prec, fmt, quant, keep,
                                         last - first + 1 if g == "decoder" else None, bits=bits or 4)
+            if g == "decoder":  # the diagnostic graph shares the float weights file the decoder is about to drop
+                _own_weights(tmp / GRAPH_FILES["diagnostic"], src)
             _replace_graph(dst, src)
             record["graphs"][g] = {"precision": prec, "format": fmt, **structure,
                                    **({"bits": bits, "block_size": INT4_BLOCK_SIZE} if bits else {}),
@@ -216,6 +219,18 @@ class Quantizer:
         manifest["precision"] = spec.precision
         manifest["quantization"] = record
         self.progress(f"quantized in {record['seconds']}s")
+
+
+def _own_weights(graph: Path, decoder: Path) -> None:
+    """Give ``graph`` a weights file of its own where it refers to ``decoder``'s (copied tensor by tensor)."""
+    import onnx
+
+    from graph_passes.io import load_model, save_model
+
+    data = decoder.name + ".data"
+    m = onnx.load(str(graph), load_external_data=False)
+    if any(e.key == "location" and e.value == data for t in m.graph.initializer for e in t.external_data):
+        save_model(load_model(graph), graph)
 
 
 def _identity(plan: Any) -> bool:

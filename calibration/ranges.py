@@ -46,7 +46,7 @@ def cache_key(**parts: Any) -> str:
 
 
 def calibrate(model_path: Path, reader: Any, method: CalibrationMethod, tensors: list[str] | None = None,
-              symmetric: bool = True, op_types: list[str] | None = ("MatMul",)) -> TensorsData:
+              symmetric: bool = True, op_types: list[str] | None = ("MatMul",), shared: Any = None) -> TensorsData:
     """Run ONNX Runtime's calibrator for ``method`` over ``reader``. ``tensors`` limits what is calibrated to the
     activation inputs of the MatMuls that will be quantized (fewer augmented outputs, less memory per feed);
     default: every input and output of ``op_types`` nodes (None: of every node), as ORT does."""
@@ -64,6 +64,18 @@ def calibrate(model_path: Path, reader: Any, method: CalibrationMethod, tensors:
     wanted = set(tensors) if tensors is not None else None
 
     class Selected(classes[method]):  # type: ignore[misc, valid-type]
+        def create_inference_session(self):
+            """ORT's own session options, plus the weights shared with the reader's runner (``shared``: one
+            memory-mapped copy of the weights file for both)."""
+            import onnxruntime
+
+            opts = onnxruntime.SessionOptions()
+            opts.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
+            if shared is not None:
+                shared.attach(opts, Path(self.augmented_model_path))
+            self.infer_session = onnxruntime.InferenceSession(self.augmented_model_path, sess_options=opts,
+                                                              providers=self.execution_providers)
+
         def select_tensors_to_calibrate(self, model):
             chosen, value_infos = super().select_tensors_to_calibrate(model)
             return (chosen if wanted is None else {t for t in chosen if t in wanted}), value_infos

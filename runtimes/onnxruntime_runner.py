@@ -182,7 +182,8 @@ class OrtVLM:
     """A converted directory, loaded into ONNX Runtime sessions."""
 
     def __init__(self, directory: str | Path, device: str = "auto", threads: int | None = None,
-                 scr_kernel: str | None = None, unfused: bool = False, attention: str = "auto"):
+                 scr_kernel: str | None = None, unfused: bool = False, attention: str = "auto",
+                 share_weights: bool | str = "auto"):
         """``unfused=True`` runs quantized graphs as written, without ONNX Runtime's quantized kernels: Q/DQ graphs
         with ``session.disable_quant_qdq`` (DequantizeLinear + float MatMul), MatMulNBits at accuracy level 1
         (float32 activations). It is the engine-only reference of `validate`: fused vs unfused is kernel error,
@@ -190,7 +191,12 @@ class OrtVLM:
 
         ``attention``: which decoder runs one prompt. ``auto`` takes the GroupQueryAttention decoder where the
         directory has one and the provider runs it natively (CPU; CUDA for float16 graphs), else the eager one;
-        batches of several prompts always run the eager decoder (loaded when first needed)."""
+        batches of several prompts always run the eager decoder (loaded when first needed).
+
+        ``share_weights``: the graphs that name the decoder's weights file (decoder, its GroupQueryAttention twin,
+        the diagnostic graph) get one memory-mapped copy of it (``runtimes.ort_weights``; pre-packing off for
+        them: less memory, slower MatMuls); ``auto`` does so on the CPU when that file is over a quarter of the
+        memory available."""
         self._load_directory(directory)
         self.providers = pick_providers(device)
         self.device = device
@@ -205,6 +211,12 @@ class OrtVLM:
         self.attention = self._pick_attention(attention)
         self.sessions = {}
         self._input_types: dict[str, dict[str, Any]] = {}
+        from .ort_weights import SharedWeights, worth_sharing
+
+        weights = self.dir / (self.manifest["graphs"].get("decoder", {}).get("file", "") + ".data")
+        self.shared_weights = SharedWeights() if self.providers[0] == "CPUExecutionProvider" and (
+            share_weights is True or (share_weights == "auto" and worth_sharing(weights))) else None
+        self._shared_file = weights.name
         self._tmp = None
         self._engine = None  # the unfused twin (engine_reference), when asked for
         for name in self.manifest["graphs"]:
@@ -274,6 +286,11 @@ class OrtVLM:
             opts.intra_op_num_threads = self.threads
         if name not in ("decoder", GQA_DECODER):
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if name == "vision":
+            # A photo's vision attention is the largest transient of a request (GBs at Qwen2-VL's pixel limits);
+            # with the arena, ONNX Runtime would keep that peak for the rest of the process. Without it, the blocks
+            # go back to the system after each image (measured: benchmarks/photo_memory.py, README).
+            opts.enable_cpu_mem_arena = False
         if self.unfused:
             opts.add_session_config_entry("session.disable_quant_qdq", "1")
         elif self._quant.get("precision") == "int4":
@@ -302,8 +319,11 @@ class OrtVLM:
             # same values with zero point 128), so the file stays one. The rewrite needs onnx: a lean install runs
             # the int8 file as written (unfused on x86: slower, and within 2.4e-7 of the graph's own arithmetic).
             path = self._rewritten(path, _uint8_activations)
+        opts = self._options(graph)[0]
+        if self.shared_weights is not None and graph in ("decoder", "diagnostic"):
+            self.shared_weights.attach(opts, path, only={self._shared_file})
         try:
-            session = ort.InferenceSession(str(path), self._options(graph)[0], providers=self.providers)
+            session = ort.InferenceSession(str(path), opts, providers=self.providers)
         except Exception as exc:  # ORT raises its own exception types for bad files
             raise SCRExportError(f"ONNX Runtime cannot load {path.name}: {str(exc).splitlines()[0]}",
                                  "the file is damaged or incomplete: convert the model again") from None
@@ -370,6 +390,10 @@ class OrtVLM:
         self.sessions.clear()
         self._input_types.clear()
         self._engine = None
+        if self.shared_weights is not None:
+            from .ort_weights import SharedWeights
+
+            self.shared_weights = SharedWeights()  # unmaps the file once no session holds its values
         gc.collect()
 
     def engine_reference(self, family: Any, inputs: VLMInputs, in_place: bool = False):

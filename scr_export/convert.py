@@ -211,7 +211,7 @@ def convert_to_onnx(model: str, out: str | Path, *, precision: str = "fp32", exp
     from graph_passes.contract import ATTENTION_ROWS
     from graph_passes.extract_diagnostic import ExtractDiagnosticPass
     from graph_passes.insert_redistribution import InsertRedistributionPass
-    from graph_passes.io import load_model, load_structure, save_model, save_structure
+    from graph_passes.io import load_structure, save_structure
 
     from .loading import load_vlm
     from .onnx_export.decoder import export_decoder, io_names
@@ -248,15 +248,14 @@ def convert_to_onnx(model: str, out: str | Path, *, precision: str = "fp32", exp
         progress(f"[4/{steps}] exporting the decoder with KV cache ({exporter}"
                  + (f", opset {opset})" if opset else ")"))
         # the decoder's weights are written once, into decoder_model_merged.onnx.data; the diagnostic graph (a cut
-        # of the same graph) refers to that file too at fp32 / fp16; quantized graphs get weights of their own
+        # of the same graph) refers to that file too (the quantize step gives it weights of its own just before it
+        # rewrites the decoder's)
         export_decoder(fam, tmp / GRAPH_FILES["decoder"], dynamo=exporter == "dynamo", opset=opset)
         progress(f"[5/{steps}] graph passes: SCR after layers {config.layers[0]}..{config.layers[1]}, "
                  f"diagnostic over layers {config.diag_layers[0]}..{config.diag_layers[1]}")
         diagnostic = load_structure(tmp / GRAPH_FILES["decoder"])
         ExtractDiagnosticPass(config.diag_layer_indices())(diagnostic)
         save_structure(diagnostic, tmp / GRAPH_FILES["diagnostic"])
-        if quantize is not None:  # the quantize step rewrites the decoder's weights file: the diagnostic gets its own
-            save_model(load_model(tmp / GRAPH_FILES["diagnostic"]), tmp / GRAPH_FILES["diagnostic"])
         decoder = load_structure(tmp / GRAPH_FILES["decoder"])
         InsertRedistributionPass(config.layer_indices())(decoder)
         save_structure(decoder, tmp / GRAPH_FILES["decoder"])

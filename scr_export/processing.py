@@ -100,5 +100,9 @@ def encode(family: VLMFamily, images: Sequence[Sequence[Any]], prompts: Sequence
     tensors.update({k: (v.to(dtype) if v.is_floating_point() else v)
                     for k, v in image_inputs.items() if isinstance(v, torch.Tensor)})
     extras = {k: v for k, v in image_inputs.items()}
+    from .memory_guard import check as check_memory
+
+    check_memory(family, {"input_ids": tensors["input_ids"].numpy(),
+                          **({"image_grid_thw": extras["image_grid_thw"].numpy()} if "image_grid_thw" in extras else {})})
     layouts = family.image_layout(tensors["input_ids"].numpy(), extras)
     return VLMInputs(tensors=tensors, layouts=layouts, texts=texts, images=[list(row) for row in images])

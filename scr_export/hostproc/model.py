@@ -13,6 +13,7 @@ from typing import Any
 
 from ..errors import ModelLoadError
 from ..families import FAMILIES, VLMFamily
+from ..memory_guard import check as check_memory
 from ..processing import VLMInputs
 from .encode import HostSettings, encode
 from .tokenize import HostTokenizer
@@ -25,6 +26,7 @@ CONFIG_FIELDS = (
     "text_config.num_hidden_layers", "text_config.max_position_embeddings", "text_config.hidden_size",
     "vision_config.image_size", "vision_config.patch_size", "vision_config.spatial_merge_size",
     "vq_config.resolution", "vq_config.channel_multiplier",
+    "vision_config.num_heads", "text_config.num_attention_heads",  # the memory guard's estimate (memory_guard.py)
 )
 
 
@@ -82,6 +84,7 @@ class HostModel:
         layouts (left padding), exactly as ``scr_export.processing.encode`` gives them with transformers.
         ``text_only``: prompts without images are allowed (no pixels, empty layouts)."""
         out = encode(images, prompts, self.settings, self.tokenizer, text_only=text_only)
+        check_memory(self.family, out)  # refused with the numbers before any graph runs
         texts = out.pop("texts")
         layouts = self.family.image_layout(out["input_ids"], out)
         return VLMInputs(tensors=out, layouts=layouts, texts=texts, images=[list(row) for row in images])

@@ -1,0 +1,90 @@
+"""Refuse an input whose working memory would exceed the machine's, with the numbers and the fix, before it runs.
+
+A photo at Qwen2-VL's own pixel limits is thousands of vision patches, and its vision encoder attends over all of
+them at once: 16 heads x 6250^2 float32 scores is 2.5 GB, and the probabilities as much again. The estimate here is
+the largest transient of one request: the vision encoder's attention over one image's patches, or the decoder's
+eager attention over the prompt (prefill), scores and probabilities in float32. It is compared with what the
+operating system says is available (``MemAvailable``), or with ``SCR_EXPORT_MEMORY_GB`` where set (a cap for a
+shared machine, and how the tests provoke a refusal). Torch-free.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+from .errors import InputError
+
+FLOAT = 4          # bytes: ONNX Runtime's and PyTorch's attention scores are float32 on the CPU
+COPIES = 2         # scores and their softmax live together
+HEADROOM = 0.85    # of the available memory: the weights, the KV cache and the allocator's slack need the rest
+
+
+def available_bytes() -> int | None:
+    """``SCR_EXPORT_MEMORY_GB`` where set, else the kernel's MemAvailable (None where neither is known)."""
+    cap = os.environ.get("SCR_EXPORT_MEMORY_GB")
+    if cap:
+        try:
+            return int(float(cap) * 2**30)
+        except ValueError:
+            raise InputError(f"SCR_EXPORT_MEMORY_GB={cap!r} is not a number", "set it to a size in GB, e.g. 16")
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _get(cfg: Any, path: str, default: Any = None) -> Any:
+    obj = cfg
+    for part in path.split("."):
+        obj = getattr(obj, part, None) if not isinstance(obj, dict) else obj.get(part)
+        if obj is None:
+            return default
+    return obj
+
+
+def estimate(family: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+    """The largest attention transient of these inputs: {"bytes", "what", "patches" (vision, per image)}."""
+    import numpy as np
+
+    cfg = family.config
+    out: dict[str, Any] = {"bytes": 0, "what": "nothing", "patches": 0, "heads": 0}
+    grid = tensors.get("image_grid_thw")
+    if grid is not None and len(grid):  # Qwen2-VL: one full attention over each image's patches
+        heads = int(_get(cfg, "vision_config.num_heads", 0) or 0)
+        patches = int(np.max(np.prod(np.asarray(grid), axis=-1)))
+        if heads:
+            b = COPIES * heads * patches**2 * FLOAT
+            out.update(bytes=b, what=f"the vision encoder's attention over {patches} patches ({heads} heads)",
+                       patches=patches, heads=heads)
+    ids = tensors.get("input_ids")
+    if ids is not None:
+        batch, length = np.asarray(ids).shape
+        heads = int(_get(family.text_config, "num_attention_heads", 0) or 0)
+        b = COPIES * batch * heads * length**2 * FLOAT
+        if heads and b > out["bytes"]:
+            out.update(bytes=b, what=f"the decoder's attention over {length} prompt tokens x {batch} ({heads} heads)")
+    return out
+
+
+def check(family: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+    """Raise an InputError naming the estimate, what is available and the fix when the input would not fit."""
+    est = estimate(family, tensors)
+    avail = available_bytes()
+    if avail is None or est["bytes"] <= HEADROOM * avail:
+        return est
+    fix = "use a smaller image, fewer images or a shorter prompt"
+    if est["patches"]:
+        # patches that fit: COPIES * heads * n^2 * FLOAT <= HEADROOM * avail; a patch is 14x14 pixels
+        n = int(math.sqrt(HEADROOM * avail / (COPIES * est["heads"] * FLOAT)))
+        patch = int(_get(family.config, "vision_config.patch_size", 14) or 14)
+        fix = (f"resize the image to at most about {n * patch * patch / 1e6:.2f} megapixels ({n} patches of "
+               f"{patch}x{patch}), or lower the processor's max_pixels in the directory's preprocessor_config.json")
+    raise InputError(f"this input needs about {est['bytes'] / 2**30:.1f} GB for {est['what']}, and "
+                     f"{avail / 2**30:.1f} GB is available" + (" (SCR_EXPORT_MEMORY_GB)" if os.environ.get(
+                         "SCR_EXPORT_MEMORY_GB") else ""), fix)
