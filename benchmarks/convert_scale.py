@@ -137,7 +137,11 @@ def run_route(ckpt: Path, route: str, out: Path, layers: int, validate: bool) ->
             "--force", "--layers", "0..0", "--diag-layers", f"0..{max(0, min(1, layers - 1))}"]
     if not validate:
         argv.append("--no-validate")
-    res = subprocess.run([sys.executable, "-c", _MEASURE, *argv], capture_output=True, text=True, cwd=ROOT)
+    cache = out.parent / f".cache-{out.name}"  # a fresh cache: int8 calibration is measured, not read back
+    shutil.rmtree(cache, ignore_errors=True)
+    env = {**os.environ, "SCR_EXPORT_CACHE": str(cache)}
+    res = subprocess.run([sys.executable, "-c", _MEASURE, *argv], capture_output=True, text=True, cwd=ROOT, env=env)
+    shutil.rmtree(cache, ignore_errors=True)
     return json.loads(res.stdout)
 
 

@@ -210,6 +210,7 @@ class OrtVLM:
         self.scr_kernel = self._options("decoder")[1]
         self.attention = self._pick_attention(attention)
         self.sessions = {}
+        self.token_table = None  # callable(ids) -> embeddings replacing the embed_tokens graph (GGUF directories)
         self._input_types: dict[str, dict[str, Any]] = {}
         from .ort_weights import SharedWeights, worth_sharing
 
@@ -223,7 +224,7 @@ class OrtVLM:
             self._session(GQA_DECODER if name == "decoder" and self.attention == "gqa" else name)
         if "decoder" in self.manifest["graphs"] and "decoder" not in self.sessions:
             self._check_readable(self.dir / self.manifest["graphs"]["decoder"]["file"])  # loaded for batches
-        ep = next(iter(self.sessions.values())).get_providers()[0]
+        ep = next(iter(self.sessions.values())).get_providers()[0] if self.sessions else self.providers[0]
         self.provider = ep if "decoder" not in self.manifest["graphs"] else \
             f"{ep}, SCR nodes: {self.scr_kernel}, attention: {self.attention}"
         if unfused:
@@ -496,19 +497,26 @@ class OrtVLM:
         self._session(GQA_DECODER).run_with_iobinding(io)
         return io.get_outputs()[-1].numpy()
 
+    def embed_ids(self, ids: np.ndarray) -> np.ndarray:
+        """Token embeddings [B, T, D]: the embed_tokens graph, or ``token_table`` where one is set (a GGUF
+        directory embeds from the GGUF's own table, as llama.cpp does)."""
+        if self.token_table is not None:
+            return self.token_table(ids).astype(self.float_type, copy=False)
+        return self._run("embed_tokens", {"input_ids": ids})[0]
+
     def embed(self, inputs: VLMInputs) -> np.ndarray:
         """inputs_embeds [B, T, D]: token embeddings with the image features (or VQ ids) put at the image tokens."""
         fam = self.family
         ids = inputs.array("input_ids").copy()
         mask = ids == fam.image_token_id
         if "pixel_values" not in inputs.tensors and not mask.any():  # text only
-            return self._run("embed_tokens", {"input_ids": ids})[0]
+            return self.embed_ids(ids)
         pv = inputs.array("pixel_values").astype(self.float_type)
         if fam.name == "chameleon":
             codes = self._run("vision", {"pixel_values": pv})[0]
             ids[mask] = codes.reshape(-1)
-            return self._run("embed_tokens", {"input_ids": ids})[0]
-        embeds = self._run("embed_tokens", {"input_ids": ids})[0]
+            return self.embed_ids(ids)
+        embeds = self.embed_ids(ids)
         if fam.name == "qwen2_vl":
             feats, offset = [], 0
             for thw in inputs.array("image_grid_thw"):
@@ -644,7 +652,7 @@ class OrtVLM:
                     break
             if step == steps - 1:
                 break
-            feed = {"inputs_embeds": self._run("embed_tokens", {"input_ids": nxt[:, None]})[0],
+            feed = {"inputs_embeds": self.embed_ids(nxt[:, None]),
                     "attention_mask": np.ascontiguousarray(mask_all[:, :length + step + 1]),
                     "position_ids": first_pos + step,
                     "scr_donor": identity.donor, "scr_scale": identity.scale, "scr_weight": identity.weight}

@@ -24,7 +24,7 @@ def convert_to_gguf(model: str, out: str | Path, *, quant: str = "q8_0", config_
     from scr_export.sample import sample_image
     from scr_export.loading import load_vlm
     from scr_export.manifest import write_manifest
-    from scr_export.onnx_export.vision import export_embed_tokens, export_vision
+    from scr_export.onnx_export.vision import export_vision
     from scr_export.parity import validate_directory
 
     from graph_passes.io import load_model, save_model
@@ -51,14 +51,14 @@ def convert_to_gguf(model: str, out: str | Path, *, quant: str = "q8_0", config_
     with staged_directory(out) as tmp:
         raw = tmp / "raw"
         raw.mkdir()
-        graph_keys = ["embed_tokens"] if use_mmproj else ["vision", "embed_tokens"]
+        # the token embeddings are the GGUF's own table (runtimes/llamacpp/token_table.py): no ONNX copy of it
+        graph_keys = [] if use_mmproj else ["vision"]
         if use_mmproj:
-            progress("[2/5] writing llama.cpp's mmproj (its converter) and the token embeddings (ONNX)")
+            progress("[2/5] writing llama.cpp's mmproj (its converter)")
             write_mmproj(fam.path, tmp / "mmproj-f32.gguf", progress)
         else:
-            progress("[2/5] exporting the vision encoder and token embeddings (ONNX, run by ONNX Runtime)")
+            progress("[2/5] exporting the vision encoder (ONNX, run by ONNX Runtime)")
             export_vision(fam, fam.process_images([sample_image()]), raw / GRAPH_FILES["vision"])
-        export_embed_tokens(fam, raw / GRAPH_FILES["embed_tokens"])
         for key in graph_keys:
             save_model(load_model(raw / GRAPH_FILES[key]), tmp / GRAPH_FILES[key])
         # the decoder in the checkpoint's float type (f16 stays f16: never an f32 copy of an f16 model), read one
@@ -97,8 +97,9 @@ def convert_to_gguf(model: str, out: str | Path, *, quant: str = "q8_0", config_
                      "kv_cache": "f32", "flash_attention": False,
                      "known_deviations": quirks_for(info["architecture"]),
                      "mmproj": "mmproj-f32.gguf" if use_mmproj else None,
-                     "tokenizer": {**tk, "check": tokenizer_check}},
-            "graphs": host_graphs(fam),
+                     "tokenizer": {**tk, "check": tokenizer_check},
+                     "token_embeddings": "the GGUF's token_embd.weight, rows dequantized as llama.cpp does"},
+            "graphs": {k: v for k, v in host_graphs(fam).items() if k != "embed_tokens"},
             "parity": None,
         }
         if use_mmproj:

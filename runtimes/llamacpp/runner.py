@@ -40,7 +40,11 @@ class LlamaCppVLM:
         if "gguf" not in self.manifest:
             raise SCRExportError(f"{self.dir} is not a GGUF directory (its manifest has no 'gguf' entry)",
                                  "run it with `scr-export run` as an ONNX directory, or convert with --to gguf")
-        self.images = OrtVLM(self.dir, device="cpu")  # vision encoder + token embeddings (ONNX Runtime)
+        self.images = OrtVLM(self.dir, device="cpu")  # the vision encoder (ONNX Runtime)
+        if "embed_tokens" not in self.manifest["graphs"]:  # the GGUF's own table (directories before: ONNX)
+            from .token_table import GGUFTokenTable
+
+            self.images.token_table = GGUFTokenTable(self.dir / self.manifest["gguf"]["file"])
         self.family = self.images.family
         self.config = SCRConfig.from_dict(self.manifest["scr"])
         g = self.manifest["gguf"]
@@ -140,7 +144,7 @@ class LlamaCppVLM:
         if self.mtmd is None or not any(inputs.layouts):  # our ONNX encoder, or no image at all
             return self.images.embed(inputs).astype(np.float32)
         ids = inputs.array("input_ids")
-        embeds = self.images._run("embed_tokens", {"input_ids": ids})[0].astype(np.float32)
+        embeds = self.images.embed_ids(ids).astype(np.float32)
         mask = ids == self.family.image_token_id
         embeds[mask] = self.image_features(inputs)
         return embeds
