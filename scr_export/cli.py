@@ -445,6 +445,12 @@ class Validate(Command):
         p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
         p.add_argument("--runtime", choices=["auto", "onnx", "tensorrt", "llamacpp"], default="auto",
                        help="auto: as the directory was converted (TensorRT engines for --to trt)")
+        p.add_argument("--reference-device", default="cpu", metavar="cpu|cuda[:N]",
+                       help="where the PyTorch reference runs (a 7B float32 reference needs 28 GB: on a GPU, with "
+                            "--reference-dtype float16, it needs 14 GB of GPU memory)")
+        p.add_argument("--reference-dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                       help="the reference's precision; below float32 an fp32 directory is judged by the fp16 gates "
+                            "(the reference's own rounding exceeds the fp32 gate)")
         add_attention_arg(p)
 
     def run(self, args):
@@ -475,15 +481,24 @@ class Validate(Command):
         _log("running the deployed model and the PyTorch reference ...")
         if images is None:
             images, prompts = default_inputs()
-        runner, family = open_for_validation(args.dir, device=args.device, runtime=args.runtime,
-                                             attention=args.attention)  # once, for the report and --per-layer
-        inputs = runner.encode(images, prompts)
-        report = compare_inputs(runner, family, inputs, args.steps)
-        print(_tables(report))
         layers = None
-        if args.per_layer:
+        if not args.per_layer:  # the reference, then the deployed model: one in memory at a time
+            from .parity import validate_in_sequence
+
+            report = validate_in_sequence(args.dir, images=images, prompts=prompts, steps=args.steps,
+                                          device=args.device, runtime=args.runtime, attention=args.attention,
+                                          reference_device=args.reference_device,
+                                          reference_dtype=args.reference_dtype)
+            print(_tables(report))
+        else:
+            runner, family = open_for_validation(args.dir, device=args.device, runtime=args.runtime,
+                                                 attention=args.attention, reference_device=args.reference_device,
+                                                 reference_dtype=args.reference_dtype)
+            inputs = runner.encode(images, prompts)
+            report = compare_inputs(runner, family, inputs, args.steps)
+            print(_tables(report))
             _log("per-layer hidden states ...")
-            layers = layer_parity(runner, family, inputs)
+            layers = layer_parity(runner, family, inputs)  # both in memory: per layer, side by side
             print(layer_table(layers))
         if args.plot:
             self._plot(args.plot, None, layers)

@@ -273,21 +273,17 @@ def judge(runner: Any, ref: ReferenceRuns, inputs: Any, cfg: Any, steps: int, pr
 
 
 def open_for_validation(directory: str | Path, *, family: Any = None, device: str = "auto", runtime: str = "auto",
-                        attention: str = "auto"):
+                        attention: str = "auto", reference_device: str = "cpu", reference_dtype: str = "float32"):
     """(runner, reference family) for ``directory``: the runtime through the registry, the manifest's checkpoint
-    (its hash checked) as the PyTorch reference."""
+    (its hash checked) as the PyTorch reference (float32 on the CPU unless asked)."""
     from runtimes.registry import open_runtime
 
-    from .loading import load_vlm
-    from .manifest import checkpoint_hash, read_manifest
+    from .manifest import read_manifest
 
     manifest = read_manifest(directory)
     runner = open_runtime(directory, runtime, device=device, attention=attention)
     if family is None:
-        family = load_vlm(manifest["source"]["model"])
-        if checkpoint_hash(family.path) != manifest["source"]["sha256"]:
-            raise SCRExportError(f"the checkpoint {manifest['source']['model']} changed since the conversion "
-                                 "(its hash differs from the manifest's)", "convert again from the current checkpoint")
+        family = load_reference(manifest, device=reference_device, dtype=reference_dtype)
     return runner, family
 
 
@@ -298,7 +294,8 @@ def references(runner: Any, family: Any, inputs: Any) -> dict[str, tuple[Any, st
 
     engine = runner.engine_reference(family, inputs)
     out = {engine[0]: (engine[1], engine[2])} if engine is not None else {}
-    out["float"] = (TorchReference(family), runner.float_gate())
+    dtype = str(getattr(family.model, "dtype", "torch.float32")).replace("torch.", "")
+    out["float"] = (TorchReference(family), reference_gate(runner.float_gate(), dtype))
     return out
 
 
@@ -370,8 +367,16 @@ def validate_directory(directory: str | Path, *, family: Any = None, images=None
                                 runtime=runtime, attention=attention)
 
 
+def reference_gate(gate: str, dtype: str) -> str:
+    """The gate against a reference computed at ``dtype``: a float16 / bfloat16 reference (``--reference-dtype``,
+    e.g. a 7B model on a GPU) differs from the float32 model by its own rounding, so the fp32 gate (1e-4) cannot
+    hold and fp16's applies; the quantized gates are looser than that rounding and stay."""
+    return "fp16" if dtype != "float32" and gate == "fp32" else gate
+
+
 def validate_in_sequence(directory: str | Path, *, images=None, prompts=None, steps: int = 16, device: str = "auto",
-                         runtime: str = "auto", attention: str = "auto"):
+                         runtime: str = "auto", attention: str = "auto", reference_device: str = "cpu",
+                         reference_dtype: str = "float32"):
     """``validate_directory`` with the models in memory one after the other: the runtime encodes the inputs and
     lets go of its weights (``release``, where it has it), the PyTorch reference is loaded, run and freed (with
     the engine reference, which may reuse its weights in place), and only then does the deployed model run. The
@@ -389,9 +394,10 @@ def validate_in_sequence(directory: str | Path, *, images=None, prompts=None, st
         release()
     from .reference import TorchReference
 
-    family = load_reference(runner.manifest)
+    family = load_reference(runner.manifest, device=reference_device, dtype=reference_dtype)
     cfg = runner.config
-    runs = {"float": (reference_runs(TorchReference(family), inputs, cfg, steps), runner.float_gate())}
+    runs = {"float": (reference_runs(TorchReference(family), inputs, cfg, steps),
+                      reference_gate(runner.float_gate(), reference_dtype))}
     engine = runner.engine_reference(family, inputs, in_place=True)  # after the float runs: may reuse its weights
     if engine is not None:
         runs = {engine[0]: (reference_runs(engine[1], inputs, cfg, steps), engine[2]), **runs}
@@ -403,12 +409,12 @@ def validate_in_sequence(directory: str | Path, *, images=None, prompts=None, st
     return reports["float"] if len(reports) == 1 else reports
 
 
-def load_reference(manifest: dict) -> Any:
-    """The float32 PyTorch model of the manifest's checkpoint (its hash checked)."""
+def load_reference(manifest: dict, device: str = "cpu", dtype: str = "float32") -> Any:
+    """The PyTorch model of the manifest's checkpoint (its hash checked), float32 on the CPU unless asked."""
     from .loading import load_vlm
     from .manifest import checkpoint_hash
 
-    family = load_vlm(manifest["source"]["model"])
+    family = load_vlm(manifest["source"]["model"], device=device, dtype=dtype)
     if checkpoint_hash(family.path) != manifest["source"]["sha256"]:
         raise SCRExportError(f"the checkpoint {manifest['source']['model']} changed since the conversion "
                              "(its hash differs from the manifest's)", "convert again from the current checkpoint")
