@@ -169,6 +169,7 @@ class Quantizer:
             if spec.calibration.synthetic:
                 self.progress("WARNING: calibrating on the built-in synthetic images (pass --calib-data for real "
                               "calibration)")
+            reader = None
             for g in [g for g in graphs if precision_of[g] in ("int8", "fp8")]:
                 quant, _ = to_quantize(files[g])
                 lin = linear_matmuls(files[g])
@@ -187,7 +188,11 @@ class Quantizer:
                         load_tensors_data(on_path), load_tensors_data(off_path), ranges.layer_of_tensor(files[g]))
                 cal["graphs"][g] = entry
             record["calibration"] = cal
-            del runner
+            runner.release()  # its sessions (and the readers that hold it) before quantization loads the graphs
+            del runner, reader
+            import gc
+
+            gc.collect()
         qdir = tmp / "quantized"
         qdir.mkdir()
         for g in graphs:

@@ -101,11 +101,35 @@ def quantize_int8_or_fp8(src: Path, dst: Path, ranges: Path, precision: str) -> 
     """Static QDQ with ranges from ``ranges`` (ORT's calibration-cache JSON; no calibration happens here)."""
     from onnxruntime.quantization import QuantType, quantize_static
 
+    import onnx_ir as ir
+    from onnx_ir import external_data
+
+    from graph_passes.io import save_model
+
+    from .ranges import structure_only_loading
+
     quant, keep = to_quantize(src)
     qtype = QuantType.QInt8 if precision == "int8" else QuantType.QFLOAT8E4M3FN
     scr = [n.name for n in _scr_nodes(_load(src))]
-    with _QuietRoot():
-        _quantize_static(quantize_static, src, dst, ranges, precision, qtype, quant, keep + scr)
+    # Streaming, as for int4: ORT's quantizer sees the graph without weights and reads each weight it quantizes
+    # from the file; its output goes beside ``src`` (so the tensors kept float still name src's weights file), and
+    # onnx_ir writes ``dst`` self-contained from the two files, tensor by tensor.
+    staged = src.with_name(f"{src.stem}.{precision}-staged.onnx")
+    cwd = os.getcwd()
+    os.chdir(src.parent)
+    try:
+        with _QuietRoot(), structure_only_loading():
+            _quantize_static(quantize_static, src.name, staged.name, ranges.resolve(), precision, qtype, quant,
+                             keep + scr)
+    finally:
+        os.chdir(cwd)
+    try:
+        quantized = ir.load(str(staged))
+        external_data.set_base_dir(quantized.graph, src.parent)
+        save_model(quantized, dst)
+    finally:
+        for p in (staged, staged.with_name(staged.name + ".data")):
+            p.unlink(missing_ok=True)
 
 
 def _quantize_static(quantize_static, src, dst, ranges, precision, qtype, quant, exclude) -> None:
