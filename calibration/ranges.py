@@ -9,7 +9,6 @@ calibration data, the method, the decode steps, the graph and the versions that 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import json
@@ -86,6 +85,8 @@ def calibrate(model_path: Path, reader: Any, method: CalibrationMethod, tensors:
     # to save the augmented copy) and write a second copy of the weights; here it sees the graph without weights.
     aug = model_path.with_name(f".calibration-{model_path.stem}-{os.getpid()}.onnx")
     try:
+        from .recipe import structure_only_loading
+
         with structure_only_loading():
             calibrator = Selected(model_path, list(op_types) if op_types else None, str(aug),
                                   use_external_data_format=False, **kwargs)
@@ -104,34 +105,6 @@ def calibrate(model_path: Path, reader: Any, method: CalibrationMethod, tensors:
     finally:
         aug.unlink(missing_ok=True)
     return data
-
-
-@contextlib.contextmanager
-def structure_only_loading():
-    """While it is active, ONNX Runtime's quantization tools (the calibrator, ``quantize_static``) read a model
-    without its external weights (shape inference needs none of them); a weight they quantize is then read from
-    its file when they convert it (``onnx.numpy_helper.to_array`` resolves the location from the current directory:
-    run them from the model's directory)."""
-    import importlib
-
-    import onnx
-    from onnxruntime.quantization.quant_utils import add_infer_metadata
-
-    modules = [importlib.import_module(f"onnxruntime.quantization.{m}") for m in ("calibrate", "quantize")]
-    originals = {m: m.load_model_with_shape_infer for m in modules}
-
-    def load(path: Path):
-        model = onnx.shape_inference.infer_shapes(onnx.load(str(path), load_external_data=False))
-        add_infer_metadata(model)
-        return model
-
-    for m in originals:
-        m.load_model_with_shape_infer = load
-    try:
-        yield
-    finally:
-        for m, f in originals.items():
-            m.load_model_with_shape_infer = f
 
 
 def cached_ranges(key: str, compute, *, progress=lambda m: None) -> tuple[Path, bool]:

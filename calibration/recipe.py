@@ -17,6 +17,7 @@ them, norms, softmax, the attention MatMuls or the lm_head.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import re
@@ -97,6 +98,34 @@ class _QuietRoot:
         logging.getLogger().setLevel(self.level)
 
 
+@contextlib.contextmanager
+def structure_only_loading():
+    """While it is active, ONNX Runtime's quantization tools (the calibrator, ``quantize_static``) read a model
+    without its external weights (shape inference needs none of them); a weight they quantize is then read from
+    its file when they convert it (``onnx.numpy_helper.to_array`` resolves the location from the current directory:
+    run them from the model's directory)."""
+    import importlib
+
+    import onnx
+    from onnxruntime.quantization.quant_utils import add_infer_metadata
+
+    modules = [importlib.import_module(f"onnxruntime.quantization.{m}") for m in ("calibrate", "quantize")]
+    originals = {m: m.load_model_with_shape_infer for m in modules}
+
+    def load(path: Path):
+        model = onnx.shape_inference.infer_shapes(onnx.load(str(path), load_external_data=False))
+        add_infer_metadata(model)
+        return model
+
+    for m in originals:
+        m.load_model_with_shape_infer = load
+    try:
+        yield
+    finally:
+        for m, f in originals.items():
+            m.load_model_with_shape_infer = f
+
+
 def quantize_int8_or_fp8(src: Path, dst: Path, ranges: Path, precision: str) -> None:
     """Static QDQ with ranges from ``ranges`` (ORT's calibration-cache JSON; no calibration happens here)."""
     from onnxruntime.quantization import QuantType, quantize_static
@@ -105,8 +134,6 @@ def quantize_int8_or_fp8(src: Path, dst: Path, ranges: Path, precision: str) -> 
     from onnx_ir import external_data
 
     from graph_passes.io import save_model
-
-    from .ranges import structure_only_loading
 
     quant, keep = to_quantize(src)
     qtype = QuantType.QInt8 if precision == "int8" else QuantType.QFLOAT8E4M3FN
