@@ -262,3 +262,40 @@ def test_convert_scale_benchmark_smoke(tmp_path):
                           str(tmp_path)], capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     assert "fp32 1L  peak RSS" in res.stdout and "q8_0 1L  peak RSS" in res.stdout and "LLaVA-1.5-7B" in res.stdout
+
+
+def test_the_memory_guard_refuses_an_input_that_would_not_fit(tmp_path):
+    """An input whose attention transient exceeds the memory available is refused before anything runs (exit 2,
+    one error line with the estimate and what is available, a fix that names a size), by `run` (torch-free) and by
+    the PyTorch reference (`generate`); the estimate is the arithmetic of the docstring."""
+    from types import SimpleNamespace
+
+    from scr_export.memory_guard import estimate
+
+    fam = SimpleNamespace(config=SimpleNamespace(vision_config=SimpleNamespace(num_heads=16)),
+                          text_config=SimpleNamespace(num_attention_heads=12))
+    est = estimate(fam, {"image_grid_thw": np.array([[1, 92, 68]]), "input_ids": np.zeros((1, 1600), np.int64)})
+    assert est["bytes"] == 2 * 16 * 6256**2 * 4 and est["patches"] == 6256  # 5.0 GB: scores and probabilities
+    est = estimate(fam, {"input_ids": np.zeros((2, 4000), np.int64)})
+    assert est["bytes"] == 2 * 2 * 12 * 4000**2 * 4 and "decoder" in est["what"]
+
+    out = tmp_path / "q"
+    assert cli("convert", "tiny-qwen2-vl", "--to", "onnx", "--no-validate", "--out", str(out)).returncode == 0
+    env_cap = {**os.environ, "PYTHONPATH": str(ROOT), "SCR_EXPORT_MEMORY_GB": "0.00001"}
+    for argv in (["run", str(out)], ["generate", "tiny-qwen2-vl"]):
+        res = subprocess.run([sys.executable, "-m", "scr_export.cli", *argv, "--image", "examples/red_car.png",
+                              "--prompt", "What?", "--max-new-tokens", "1"], cwd=ROOT, capture_output=True, text=True,
+                             env=env_cap, timeout=600)
+        assert res.returncode == 2, res.stderr[-2000:]
+        errors = [line for line in res.stderr.splitlines() if "error:" in line]
+        assert len(errors) == 1 and "GB is available" in errors[0] and "patches" in errors[0], res.stderr
+        assert "megapixels" in res.stderr and "Traceback" not in res.stderr
+    ok = cli("run", str(out), "--image", "examples/red_car.png", "--prompt", "What?", "--max-new-tokens", "1")
+    assert ok.returncode == 0, ok.stderr[-2000:]  # the machine's own memory: the same input runs
+
+
+def test_photo_memory_benchmark_smoke(tmp_path):
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "photo_memory.py"), "--smoke", "--work",
+                          str(tmp_path)], capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "run, 8 tokens: rc 0" in res.stdout and "validate, 8 steps: rc" in res.stdout
