@@ -405,6 +405,13 @@ class Run(Command):
                  f"has not been checked (scr-export validate {args.dir})")
         config = runner.config.replace(**{k: v for k, v in _scr_overrides(args).items()})
         inputs = runner.encode([images], [args.prompt])
+        from .memory_guard import available_bytes, estimate
+
+        family = getattr(runner, "family", None)  # the host-side adapter (the guard already ran in encode)
+        est, avail = (estimate(family, inputs.tensors) if family is not None else {"bytes": 0}), available_bytes()
+        if est["bytes"] > 2**28:  # worth a line: a photo-sized input
+            _log(f"memory estimate: {est['bytes'] / 2**30:.1f} GB for {est['what']}"
+                 + (f" ({avail / 2**30:.1f} GB available)" if avail else ""))
         t0 = time.perf_counter()
         res = runner.generate(inputs, scr=not args.no_scr, max_new_tokens=args.max_new_tokens, config=config)
         _log_plan(res.plan)
