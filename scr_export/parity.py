@@ -221,10 +221,33 @@ def reference_runs(reference: Any, inputs: Any, cfg: Any, steps: int, answer_tok
         from .reference import TorchReference
 
         reference = TorchReference(reference)
-    on = reference.generate(inputs, config=cfg, max_new_tokens=steps, stop_at_eos=False, keep_prefill_logits=True)
-    off = reference.generate(inputs, config=cfg, scr=False, max_new_tokens=max(1, answer_tokens), stop_at_eos=False,
-                             keep_prefill_logits=True)
+    on = _bounded(reference.generate(inputs, config=cfg, max_new_tokens=steps, stop_at_eos=False,
+                                     keep_prefill_logits=True))
+    off = _bounded(reference.generate(inputs, config=cfg, scr=False, max_new_tokens=max(1, answer_tokens),
+                                      stop_at_eos=False, keep_prefill_logits=True))
     return ReferenceRuns(on, off)
+
+
+PREFILL_POSITIONS = 512  # prefill logits compared at most at this many positions per prompt
+
+
+def compared_positions(length: int, cap: int = PREFILL_POSITIONS) -> np.ndarray:
+    """The prefill positions whose logits are compared: all of them up to ``cap``; beyond, the last ``cap / 2``
+    (the prompt's text and the answer's start) and ``cap / 2`` evenly spread over the rest (the image tokens). A
+    photo at Qwen2-VL's limits is ~1600 positions x 151936 logits: 1 GB a run in float32, and parity holds six
+    runs and their float64 differences, so the whole prefill would not fit where the model does."""
+    if length <= cap:
+        return np.arange(length)
+    head = np.linspace(0, length - cap // 2 - 1, cap - cap // 2).round().astype(np.int64)
+    return np.unique(np.concatenate([head, np.arange(length - cap // 2, length)]))
+
+
+def _bounded(result: Any) -> Any:
+    """``result`` with its prefill logits kept at ``compared_positions`` only (the full array is freed)."""
+    logits = getattr(result, "prefill_logits", None)
+    if logits is not None and logits.shape[1] > PREFILL_POSITIONS:
+        result.prefill_logits = np.ascontiguousarray(logits[:, compared_positions(logits.shape[1])])
+    return result
 
 
 def _compare_runs(runner: Any, reference: Any, inputs: Any, cfg: Any, steps: int, precision: str,
@@ -241,11 +264,11 @@ def judge(runner: Any, ref: ReferenceRuns, inputs: Any, cfg: Any, steps: int, pr
     """The candidate ``runner`` against a reference's recorded runs, with the gate of ``precision``."""
     ref_on, ref_off = ref.on, ref.off
     forced = ref_on.tokens.tolist()
-    cand_on = runner.generate(inputs, config=cfg, forced_tokens=forced, keep_prefill_logits=True)
+    cand_on = _bounded(runner.generate(inputs, config=cfg, forced_tokens=forced, keep_prefill_logits=True))
     cand_free = runner.generate(inputs, config=cfg, max_new_tokens=steps, stop_at_eos=False)
     off_tokens = max(1, answer_tokens)
-    cand_off = runner.generate(inputs, config=cfg, scr=False, max_new_tokens=off_tokens, stop_at_eos=False,
-                               keep_prefill_logits=True)
+    cand_off = _bounded(runner.generate(inputs, config=cfg, scr=False, max_new_tokens=off_tokens, stop_at_eos=False,
+                                        keep_prefill_logits=True))
     comparisons = [Comparison.of("prefill logits (SCR)", cand_on.prefill_logits, ref_on.prefill_logits),
                    Comparison.of(f"decode logits x{steps}", np.stack(cand_on.logits), np.stack(ref_on.logits)),
                    Comparison.of("prefill logits (no SCR)", cand_off.prefill_logits, ref_off.prefill_logits)]
@@ -257,8 +280,8 @@ def judge(runner: Any, ref: ReferenceRuns, inputs: Any, cfg: Any, steps: int, pr
     effect = _cos(cand_on.prefill_logits - cand_off.prefill_logits, ref_effect)
     same_plan = effect
     if not identical:
-        cand_ref_plan = runner.generate(inputs, config=cfg, plan=ref_plan, max_new_tokens=1, stop_at_eos=False,
-                                        keep_prefill_logits=True)
+        cand_ref_plan = _bounded(runner.generate(inputs, config=cfg, plan=ref_plan, max_new_tokens=1,
+                                                 stop_at_eos=False, keep_prefill_logits=True))
         same_plan = _cos(cand_ref_plan.prefill_logits - cand_off.prefill_logits, ref_effect)
     from .plan_flips import judge_flips
 
