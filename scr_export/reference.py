@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Sequence
 from typing import Any
@@ -16,13 +17,40 @@ from .processing import VLMInputs
 from .redistribution import Redistribution
 
 
+VISION_SDPA_BYTES = 1 << 30  # eager vision attention above this goes through torch's SDPA
+
+
+@contextlib.contextmanager
+def memory_efficient_vision(family: VLMFamily, inputs: VLMInputs):
+    """A photo's vision attention through torch's scaled-dot-product attention (a flash kernel on the CPU: no
+    [heads, N, N] matrix) where eager attention over one image's patches would need over 1 GiB. SCR's diagnostic
+    reads the decoder's attention, never the vision tower's, so the tower's kernel is free to change; small inputs
+    keep eager attention, the exported graph's arithmetic. (Qwen2-VL: 6250 patches, 16 heads: 5 GB eager.)"""
+    vision = getattr(family.config, "vision_config", None)
+    grid = inputs.tensors.get("image_grid_thw")
+    heads = int(getattr(vision, "num_heads", 0) or 0)
+    if vision is None or grid is None or not heads or getattr(vision, "_attn_implementation", None) != "eager":
+        yield
+        return
+    patches = int(np.max(np.prod(np.asarray(grid), axis=-1)))
+    if 2 * heads * patches**2 * 4 <= VISION_SDPA_BYTES:
+        yield
+        return
+    vision._attn_implementation = "sdpa"
+    try:
+        yield
+    finally:
+        vision._attn_implementation = "eager"
+
+
 def plan_for_inputs(family: VLMFamily, inputs: VLMInputs, config: SCRConfig,
                     maps: list[list[np.ndarray | None]] | None = None) -> SequencePlan:
     """Run the diagnostic pass (unless ``maps`` is given) and plan every image of the batch."""
     config = config.clamped(family.num_layers)
     if maps is None:
         inputs = inputs.to(family.device, family.model.dtype)
-        maps = attention_maps(family, inputs.tensors, inputs.layouts, config)
+        with memory_efficient_vision(family, inputs):
+            maps = attention_maps(family, inputs.tensors, inputs.layouts, config)
     plan = plan_sequence(inputs.layouts, maps, inputs.shape[1], config)
     plan.attention = maps  # kept for explain / validate
     return plan
@@ -42,14 +70,21 @@ def _pad_id(family: VLMFamily) -> int:
     return int(tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
 
 
-def generate(family: VLMFamily, inputs: VLMInputs, config: SCRConfig | None = None, *, scr: bool = True,
-             max_new_tokens: int = 32, use_cache: bool = True, plan: SequencePlan | None = None,
-             forced_tokens: Sequence[Sequence[int]] | None = None, keep_prefill_logits: bool = False,
-             stop_at_eos: bool = True) -> GenerationResult:
+def generate(family: VLMFamily, inputs: VLMInputs, config: SCRConfig | None = None, **kw: Any) -> GenerationResult:
     """Greedy decoding with SCR applied during the prefill (and, without a KV cache, at every re-run of the prompt).
 
     ``forced_tokens`` (teacher forcing, [B, N]) feeds the given tokens instead of the argmax, for parity checks.
+    Keywords: ``scr``, ``max_new_tokens``, ``use_cache``, ``plan``, ``forced_tokens``, ``keep_prefill_logits``,
+    ``stop_at_eos``.
     """
+    with memory_efficient_vision(family, inputs):
+        return _generate(family, inputs, config, **kw)
+
+
+def _generate(family: VLMFamily, inputs: VLMInputs, config: SCRConfig | None = None, *, scr: bool = True,
+              max_new_tokens: int = 32, use_cache: bool = True, plan: SequencePlan | None = None,
+              forced_tokens: Sequence[Sequence[int]] | None = None, keep_prefill_logits: bool = False,
+              stop_at_eos: bool = True) -> GenerationResult:
     import torch
 
     config = (config or family.scr_config()).clamped(family.num_layers)
