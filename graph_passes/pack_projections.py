@@ -9,7 +9,8 @@ is inside it, which is how ONNX Runtime GenAI's builder lays out its decoders.
 
 Only projections without a bias, with identical attributes (K, bits, block size, accuracy level) and no zero points
 or group indices are packed; anything else is left as it is. The weights file is rewritten (the packed initializers
-replace the three), so the eager decoder and its GroupQueryAttention variant keep sharing one file.
+replace the three), so the eager decoder and its GroupQueryAttention variant keep sharing one file; it is rewritten
+tensor by tensor (one layer's three projections in memory at a time).
 """
 
 from __future__ import annotations
@@ -31,10 +32,14 @@ def pack_qkv(path: Path, num_heads: int, kv_heads: int, head_dim: int) -> int:
     """Rewrite ``path`` (and its external data file) in place; returns the number of layers packed."""
     import numpy as np
     import onnx
-    from onnx import helper, numpy_helper
+    from onnx import external_data_helper, helper, numpy_helper
+
+    from .io import load_model
 
     path = Path(path)
-    model = onnx.load(str(path))  # weights in memory: they are rewritten
+    model = onnx.load(str(path), load_external_data=False)  # the weights stay on disk; three are read per layer
+    side = path.with_name(path.name + ".packed")  # the packed tensors, written as they are made
+    side_file = side.open("wb")
     g = model.graph
     _, consumers = tensor_edges(g)
     inits = {i.name: i for i in g.initializer}
@@ -76,8 +81,14 @@ def pack_qkv(path: Path, num_heads: int, kv_heads: int, head_dim: int) -> int:
         weights = [numpy_helper.to_array(inits[n.input[1]], base_dir=str(path.parent)) for n in trio]
         scales = [numpy_helper.to_array(inits[n.input[2]], base_dir=str(path.parent)) for n in trio]
         name = trio[0].name + PACKED_SUFFIX
-        g.initializer.extend([numpy_helper.from_array(np.concatenate(weights, 0), f"{name}.B"),
-                              numpy_helper.from_array(np.concatenate(scales, 0), f"{name}.scales")])
+        for array, suffix in ((np.concatenate(weights, 0), "B"), (np.concatenate(scales, 0), "scales")):
+            t = numpy_helper.from_array(array, f"{name}.{suffix}")
+            offset = side_file.tell()
+            side_file.write(t.raw_data)
+            external_data_helper.set_external_data(t, side.name, offset=offset, length=array.nbytes)
+            t.ClearField("raw_data")
+            g.initializer.append(t)
+        del weights, scales
         at = dict(attrs[0])
         at["N"] = sum(sizes)
         pack = helper.make_node("MatMulNBits", [a, f"{name}.B", f"{name}.scales"], [f"{name}.out"], name=name,
@@ -91,12 +102,28 @@ def pack_qkv(path: Path, num_heads: int, kv_heads: int, head_dim: int) -> int:
         g.node.insert(at_index, split)
         g.node.insert(at_index, pack)
         packed += 1
+    side_file.close()
     if not packed:
+        side.unlink()
         return 0
     used = {i for n in g.node for i in n.input}
     for init in [i for i in g.initializer if i.name not in used]:
         g.initializer.remove(init)
-    data = path.parent / (path.name + ".data")
-    data.unlink(missing_ok=True)  # every weight is in memory; onnx appends to an existing data file
-    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name)
+    # the graph now names the old weights file (minus the three projections) and the side file: onnx_ir writes one
+    # weights file from both, tensor by tensor, in a private directory; then it replaces the old pair
+    import os
+    import shutil
+    import tempfile
+
+    from .io import save_model
+
+    onnx.save(model, str(path))
+    work = Path(tempfile.mkdtemp(prefix=".pack-", dir=path.parent))
+    try:
+        save_model(load_model(path), work / path.name)
+        for f in (path.name, path.name + ".data"):
+            os.replace(work / f, path.parent / f)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        side.unlink(missing_ok=True)
     return packed

@@ -242,19 +242,25 @@ def test_too_little_disk_is_refused_before_writing(sharded, tmp_path, monkeypatc
 
 @pytest.mark.slow
 def test_conversion_memory_is_bounded_by_the_checkpoint(tmp_path):
-    """Each route's peak RSS, above the interpreter with the libraries loaded, stays under its bound in multiples of
-    a ~260 MB fp16 checkpoint (before streaming: fp32 ONNX 7x, Q4_0 GGUF 9x)."""
+    """What each route's peak RSS grows by, from a few-MB model to a ~240 MB fp16 one of the same shape family,
+    stays under its bound in multiples of the checkpoint bytes added (the issue's targets: 1.5x for fp16, int4 and
+    GGUF, 2.5x for fp32; before streaming the growth was 7x for fp32 and int4 ONNX, 9x for Q4_0). The difference
+    takes out what does not grow with the weights (the interpreter, the libraries, the exporter's tracing)."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import convert_scale
 
-    ckpt = convert_scale.build_checkpoint(tmp_path / "ckpt", 4, size="test")
-    ck = convert_scale.weight_bytes(ckpt)
-    assert 200e6 < ck < 400e6
-    base = convert_scale.baseline_rss()
+    small = convert_scale.build_checkpoint(tmp_path / "small", 2, size="smoke")
+    big = convert_scale.build_checkpoint(tmp_path / "big", 2, size="test")
+    added = convert_scale.weight_bytes(big) - convert_scale.weight_bytes(small)
+    assert 150e6 < added < 400e6
     for route, bound in (("fp32", 2.5), ("fp16", 1.5), ("int4", 1.5), ("q4_0", 1.5)):
-        r = convert_scale.run_route(ckpt, route, tmp_path / route, 4, validate=False)
-        assert r["rc"] == 0, r["tail"]
-        assert (r["peak_rss"] - base) <= bound * ck, (route, r["peak_rss"] / 1e6, base / 1e6, ck / 1e6)
+        peaks = []
+        for ckpt in (small, big):
+            r = convert_scale.run_route(ckpt, route, tmp_path / f"{route}-{ckpt.name}", 2, validate=False)
+            assert r["rc"] == 0, r["tail"]
+            peaks.append(r["peak_rss"])
+        growth = (peaks[1] - peaks[0]) / added
+        assert growth <= bound, (route, [p / 1e6 for p in peaks], added / 1e6, growth)
 
 
 def test_convert_scale_benchmark_smoke(tmp_path):
