@@ -76,10 +76,11 @@ class WeightSource:
         torch_dtype = _TORCH_DTYPE.get(dtype)
 
         def read() -> ir.Tensor:
-            t = checkpoint.read(key, torch_dtype)
+            t = checkpoint.read(key)  # one copy out of the memory map, in the checkpoint's type
             if perm is not None:
                 t = t.permute(*perm)
-            return to_ir(t)
+            # the cast and the transposed layout in one copy (the largest tensor, a 7B token table, is 0.5 GB)
+            return to_ir(t.to(torch_dtype or t.dtype, memory_format=torch.contiguous_format))
 
         return ir.LazyTensor(read, dtype=dtype, shape=ir.Shape(shape), name=key)
 
