@@ -135,6 +135,7 @@ def quantize_int8_or_fp8(src: Path, dst: Path, ranges: Path, precision: str) -> 
 
     from graph_passes.io import save_model
 
+    src, dst, ranges = Path(src).resolve(), Path(dst).resolve(), Path(ranges).resolve()  # before any chdir
     quant, keep = to_quantize(src)
     qtype = QuantType.QInt8 if precision == "int8" else QuantType.QFLOAT8E4M3FN
     scr = [n.name for n in _scr_nodes(_load(src))]
@@ -146,7 +147,7 @@ def quantize_int8_or_fp8(src: Path, dst: Path, ranges: Path, precision: str) -> 
     os.chdir(src.parent)
     try:
         with _QuietRoot(), structure_only_loading():
-            _quantize_static(quantize_static, src.name, staged.name, ranges.resolve(), precision, qtype, quant,
+            _quantize_static(quantize_static, src.name, staged.name, ranges, precision, qtype, quant,
                              keep + scr)
     finally:
         os.chdir(cwd)
@@ -188,6 +189,7 @@ def quantize_weight_only(src: Path, dst: Path, fmt: str, accuracy_level: int = I
 
     from graph_passes.io import save_model
 
+    src, dst = Path(src).resolve(), Path(dst).resolve()  # before any chdir
     quant, keep = to_quantize(src)
     qf = QuantFormat.QOperator if fmt == "matmulnbits" else QuantFormat.QDQ
     level = accuracy_level if fmt == "matmulnbits" else None
