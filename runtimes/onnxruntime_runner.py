@@ -178,6 +178,23 @@ class OrtResult:
     cancelled: bool = False  # the token sink stopped the decoding
 
 
+SHRINK_TOKENS = 256  # a run over at least this many positions gives its arena memory back when it ends
+
+
+def _shrink_after(feed: dict[str, Any]):
+    """Run options that shrink ONNX Runtime's CPU arena at the end of a large run (a photo's prefill: its attention
+    and logits are GBs), so one request's peak is not kept for the rest of the process; None (no options) for the
+    small runs, decode steps above all, which reuse the arena's blocks. Measured: benchmarks/photo_memory.py."""
+    x = feed.get("inputs_embeds")
+    if x is None or x.ndim < 2 or x.shape[0] * x.shape[1] < SHRINK_TOKENS:
+        return None
+    import onnxruntime as ort
+
+    options = ort.RunOptions()
+    options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+    return options
+
+
 class OrtVLM:
     """A converted directory, loaded into ONNX Runtime sessions."""
 
@@ -441,7 +458,7 @@ class OrtVLM:
                 for k, v in feed.items() if k in self._wanted(name)}
         if self.recorder is not None:
             self.recorder(name, feed)
-        return session.run(outputs, feed)
+        return session.run(outputs, feed, _shrink_after(feed))
 
     def _wanted(self, name: str) -> set[str]:
         cache = self.__dict__.setdefault("_wanted_cache", {})
@@ -494,7 +511,7 @@ class OrtVLM:
             v = feed[k]
             io.bind_cpu_input(k, np.ascontiguousarray(v.astype(types[k]) if k in types and v.dtype != types[k] else v))
         io.bind_output("logits", "cpu")  # rebound each call: its shape changes between prefill and decode
-        self._session(GQA_DECODER).run_with_iobinding(io)
+        self._session(GQA_DECODER).run_with_iobinding(io, _shrink_after(feed))
         return io.get_outputs()[-1].numpy()
 
     def embed_ids(self, ids: np.ndarray) -> np.ndarray:
