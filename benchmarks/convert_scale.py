@@ -56,6 +56,28 @@ SIZES = {  # (vision widths, text widths) besides the real 7B ones: a few-MB smo
 }
 
 
+def random_model(model_cls, config, dtype):
+    """``model_cls(config)`` built on the meta device in ``dtype``, then given seeded random weights one tensor at a
+    time (norm weights 1, biases 0): a model of real width held once, in its own dtype. Buffers are left to the
+    caller (``to_empty`` does not initialise them)."""
+    import torch
+
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            model = model_cls(config)
+    finally:
+        torch.set_default_dtype(default)
+    model.to_empty(device="cpu")
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.data = (torch.randn(p.shape, generator=gen) * (0.02 if p.ndim > 1 else 0.0)
+                      + (1.0 if "norm" in name and name.endswith("weight") else 0.0)).to(dtype)
+    return model
+
+
 def build_checkpoint(out: Path, layers: int, size: str = "7b") -> Path:
     """LLaVA-1.5-7B's widths (or the ``SIZES`` ones), fp16, 1 GB shards, with small-llava's processing files.
     Built on the meta device and filled tensor by tensor in fp16, so building needs about one checkpoint."""
@@ -85,23 +107,11 @@ def build_checkpoint(out: Path, layers: int, size: str = "7b") -> Path:
         image_token_index=base["image_token_index"], vision_feature_layer=-2, vision_feature_select_strategy="default",
         projector_hidden_act="gelu")
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float16)
-    try:
-        with torch.device("meta"):
-            model = transformers.LlavaForConditionalGeneration(config)
-    finally:
-        torch.set_default_dtype(default)
-    gen = torch.Generator().manual_seed(0)
-    model.to_empty(device="cpu")
-    with torch.no_grad():  # fp16 from the start: the build holds one copy of the checkpoint
-        for name, p in model.named_parameters():
-            p.data = (torch.randn(p.shape, generator=gen) * (0.02 if p.ndim > 1 else 0.0) +
-                      (1.0 if "norm" in name and name.endswith("weight") else 0.0)).to(torch.float16)
-        for name, b in model.named_buffers():
-            if "inv_freq" in name:  # to_empty left it uninitialised: recompute from the config
-                dim = config.text_config.hidden_size // config.text_config.num_attention_heads
-                b.data = 1.0 / (10000.0 ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    model = random_model(transformers.LlavaForConditionalGeneration, config, torch.float16)
+    for name, b in model.named_buffers():
+        if "inv_freq" in name:  # to_empty left it uninitialised: recompute from the config
+            dim = config.text_config.hidden_size // config.text_config.num_attention_heads
+            b.data = 1.0 / (10000.0 ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
     model.config.dtype = "float16"
     model.save_pretrained(tmp, max_shard_size="1GB")
     for f in preset.iterdir():

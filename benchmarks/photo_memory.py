@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from convert_scale import _MEASURE  # noqa: E402  (one way of measuring a process, shared)
+from convert_scale import _MEASURE, random_model  # noqa: E402  (shared: one way to measure, one to build)
 
 REAL = {"vision": dict(embed_dim=1280, num_heads=16, mlp_ratio=4, depth=3, hidden_size=1536),
         "text": dict(hidden_size=1536, num_attention_heads=12, num_key_value_heads=2, intermediate_size=8960,
@@ -58,19 +58,7 @@ def build_checkpoint(out: Path, smoke: bool = False) -> Path:
     config = transformers.Qwen2VLConfig(**{k: v for k, v in cfg.items() if k not in ("architectures",
                                                                                         "transformers_version")})
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device("meta"):
-            model = transformers.Qwen2VLForConditionalGeneration(config)
-    finally:
-        torch.set_default_dtype(default)
-    model.to_empty(device="cpu")
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.data = (torch.randn(p.shape, generator=gen) * (0.02 if p.ndim > 1 else 0.0)
-                      + (1.0 if "norm" in name and name.endswith("weight") else 0.0)).to(torch.bfloat16)
+    model = random_model(transformers.Qwen2VLForConditionalGeneration, config, torch.bfloat16)
     model.tie_weights()
     for name, b in model.named_buffers():  # rotary tables: to_empty left them uninitialised
         module = model.get_submodule(name.rsplit(".", 1)[0])
