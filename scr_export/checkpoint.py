@@ -22,6 +22,7 @@ _SHARD = re.compile(r"^(?P<stem>.+)-(?P<i>\d{5})-of-(?P<n>\d{5})\.safetensors$")
 _DTYPES = {"F64": ("float64", 8), "F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2),
            "I64": ("int64", 8), "I32": ("int32", 4), "I16": ("int16", 2), "I8": ("int8", 1), "U8": ("uint8", 1),
            "BOOL": ("bool", 1), "F8_E4M3": ("float8_e4m3fn", 1), "F8_E5M2": ("float8_e5m2", 1)}
+_ITEMSIZE = dict(_DTYPES.values())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,11 +33,15 @@ class TensorInfo:
     shape: tuple[int, ...]
 
     @property
-    def nbytes(self) -> int:
+    def numel(self) -> int:
         n = 1
         for d in self.shape:
             n *= d
-        return n * {name: size for name, size in _DTYPES.values()}[self.dtype]
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * _ITEMSIZE[self.dtype]
 
 
 class Checkpoint:

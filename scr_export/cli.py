@@ -264,7 +264,7 @@ class Convert(Command):
         p.add_argument("--no-validate", action="store_true",
                        help="skip the parity step (the float32 PyTorch reference is the largest thing in memory for "
                             "a 7B model: about 4 bytes per parameter); the manifest records 'not validated' and "
-                            "`run` says so; run `scr-export validate DIR` later, on a bigger box or with --device cuda")
+                            "`run` says so; run `scr-export validate DIR` later, on a bigger box or with --reference-device cuda")
         g = p.add_argument_group("SCR baked into the graphs (λ and k stay run-time inputs of the plan)")
         g.add_argument("--layers", metavar="A..B", help="decoder layers that get an SCR node")
         g.add_argument("--diag-layers", metavar="A..B", help="layers whose attention the diagnostic graph exposes")

@@ -179,14 +179,13 @@ def not_validated() -> dict[str, str]:
     """The manifest's parity entry of a directory converted with --no-validate (`run` says so once)."""
     return {"status": "not validated",
             "why": "converted with --no-validate (the PyTorch reference was not run)",
-            "fix": "scr-export validate DIR (on a machine with room for the float32 reference, or --device cuda)"}
+            "fix": "scr-export validate DIR (on a machine with room for the float32 reference, or with --reference-device cuda --reference-dtype float16)"}
 
 
 def expected_bytes(fam: Any, precision: str) -> int:
     """What the staging directory will hold at its fullest, from the checkpoint's element count: the float graphs
     (fp32 / fp16), or for quantized precisions the float32 export plus the quantized copy written beside it."""
-    elements = sum(t.nbytes // {"float32": 4, "float64": 8}.get(t.dtype, 2 if "16" in t.dtype else 1)
-                   for t in fam.weights.checkpoint.tensors.values())
+    elements = sum(t.numel for t in fam.weights.checkpoint.tensors.values())
     per = {"fp32": 4.0, "fp16": 2.0}.get(precision, 4.0 * 1.35)
     return int(elements * per)
 

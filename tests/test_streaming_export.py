@@ -25,20 +25,20 @@ def cli(*args, timeout=900):
                           env=env, timeout=timeout)
 
 
-def _feeds(session, seed=0):
-    """Inputs for a decoder session with a past of 3 and 5 new tokens (batch 2), from the session's own types."""
+def _feeds(session, batch=2, seq=5, past=3, seed=0):
+    """Inputs for a decoder-like session (``seq`` new tokens after ``past``, random past KV), from its own inputs."""
     rng = np.random.default_rng(seed)
     feeds = {}
     for i in session.get_inputs():
         if i.name == "inputs_embeds":
-            feeds[i.name] = rng.standard_normal((2, 5, i.shape[2])).astype(np.float32)
+            feeds[i.name] = rng.standard_normal((batch, seq, i.shape[2])).astype(np.float32)
         elif i.name == "attention_mask":
-            feeds[i.name] = np.ones((2, 8), np.int64)
+            feeds[i.name] = np.ones((batch, past + seq), np.int64)
         elif i.name == "position_ids":
-            pos = np.broadcast_to(np.arange(3, 8), (2, 5))
-            feeds[i.name] = np.ascontiguousarray(np.broadcast_to(pos, (3, 2, 5)) if len(i.shape) == 3 else pos)
+            pos = np.broadcast_to(np.arange(past, past + seq), (batch, seq))
+            feeds[i.name] = np.ascontiguousarray(np.broadcast_to(pos, (3, batch, seq)) if len(i.shape) == 3 else pos)
         else:  # past_key_values.*
-            feeds[i.name] = rng.standard_normal((2, i.shape[1], 3, i.shape[3])).astype(np.float32)
+            feeds[i.name] = rng.standard_normal((batch, i.shape[1], past, i.shape[3])).astype(np.float32)
     return feeds
 
 
@@ -62,8 +62,8 @@ def test_streamed_decoder_equals_the_in_memory_export(preset, tmp_path):
         np.testing.assert_array_equal(x, y, err_msg=f"{preset}: {out.name}")
 
 
-def _fp16_checkpoint(tmp_path, preset="tiny-llava", shard="150KB"):
-    """The preset saved as an fp16 checkpoint in shards (as llava-hf ships 7B), with its processing files."""
+def _saved_preset(out: Path, dtype: str, shard: str, preset: str = "tiny-llava") -> Path:
+    """The preset saved in ``dtype`` in shards of ``shard`` (as llava-hf ships 7B), with its processing files."""
     import shutil
 
     import torch
@@ -71,8 +71,7 @@ def _fp16_checkpoint(tmp_path, preset="tiny-llava", shard="150KB"):
     from scr_export.loading import load_vlm
 
     fam = load_vlm(preset)
-    out = tmp_path / f"{preset}-fp16"
-    fam.model.to(torch.float16).save_pretrained(out, max_shard_size=shard)
+    fam.model.to(getattr(torch, dtype)).save_pretrained(out, max_shard_size=shard)
     for f in fam.path.iterdir():
         if f.suffix in (".json", ".jinja") and not (out / f.name).exists():
             shutil.copy(f, out / f.name)
@@ -81,7 +80,7 @@ def _fp16_checkpoint(tmp_path, preset="tiny-llava", shard="150KB"):
 
 @pytest.fixture(scope="module")
 def fp16_ckpt(tmp_path_factory):
-    return _fp16_checkpoint(tmp_path_factory.mktemp("ckpt"))
+    return _saved_preset(tmp_path_factory.mktemp("ckpt") / "tiny-llava-fp16", "float16", "150KB")
 
 
 def _data_bytes(directory: Path, graph: str) -> dict[str, int]:
@@ -132,17 +131,7 @@ def test_fp16_checkpoint_stays_fp16_and_no_weight_is_written_twice(fp16_ckpt, tm
     assert (own / "diagnostic.onnx.data").stat().st_size > 0
     shared = ort.InferenceSession(str(out32 / "diagnostic.onnx"), providers=["CPUExecutionProvider"])
     copied = ort.InferenceSession(str(own / "diagnostic.onnx"), providers=["CPUExecutionProvider"])
-    rng = np.random.default_rng(1)
-    feeds = {}
-    for i in shared.get_inputs():  # a prefill: 9 tokens, empty past
-        if i.name == "inputs_embeds":
-            feeds[i.name] = rng.standard_normal((1, 9, i.shape[2])).astype(np.float32)
-        elif i.name == "attention_mask":
-            feeds[i.name] = np.ones((1, 9), np.int64)
-        elif i.name == "position_ids":
-            feeds[i.name] = np.arange(9)[None]
-        else:
-            feeds[i.name] = np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32)
+    feeds = _feeds(shared, batch=1, seq=9, past=0, seed=1)  # a prefill: 9 tokens, empty past
     np.testing.assert_array_equal(shared.run(None, feeds)[0], copied.run(None, feeds)[0])
 
 
@@ -162,27 +151,9 @@ def test_gguf_from_fp16_checkpoint_is_written_in_fp16(fp16_ckpt, tmp_path):
     assert not list(out.rglob("*f32*.gguf"))
 
 
-def _shards(tmp_path):
-    import shutil
-
-    from scr_export.presets import ensure_preset
-
-    src = ensure_preset("tiny-llava")
-    ckpt = tmp_path / "sharded"
-    import torch
-    import transformers
-
-    model = transformers.LlavaForConditionalGeneration.from_pretrained(src, dtype=torch.float32)
-    model.save_pretrained(ckpt, max_shard_size="200KB")
-    for f in src.iterdir():
-        if f.suffix in (".json", ".jinja") and not (ckpt / f.name).exists():
-            shutil.copy(f, ckpt / f.name)
-    return ckpt
-
-
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory):
-    return _shards(tmp_path_factory.mktemp("sharded"))
+    return _saved_preset(tmp_path_factory.mktemp("sharded") / "sharded", "float32", "200KB")
 
 
 def _copy(src: Path, dst: Path) -> Path:
