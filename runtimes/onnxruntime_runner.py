@@ -26,6 +26,7 @@ from .sampling import GREEDY, Sampling, TokenSink
 
 
 GQA_DECODER = "decoder_gqa"  # session name of the decoder's GroupQueryAttention variant
+MHA_PROVIDERS = ("CPUExecutionProvider", "CUDAExecutionProvider")  # run com.microsoft::MultiHeadAttention
 
 
 class RuntimeUnavailable(SCRExportError):
@@ -226,6 +227,11 @@ class OrtVLM:
         # what runs the SCRNeighbourInject nodes: the custom-op library when built, else their ONNX function body
         self.scr_kernel = self._options("decoder")[1]
         self.attention = self._pick_attention(attention)
+        vision = self.manifest["graphs"].get("vision") or {}
+        # the vision graph with ONNX Runtime's MultiHeadAttention (a flash kernel: no [heads, N, N] matrix), where
+        # the directory has one and the provider runs the op; the memory guard counts what that graph needs
+        self._vision_mha = bool(vision.get("mha")) and self.providers[0] in MHA_PROVIDERS
+        self.family.vision_attention = "fused" if self._vision_mha else "eager"
         self.sessions = {}
         self.token_table = None  # callable(ids) -> embeddings replacing the embed_tokens graph (GGUF directories)
         self._input_types: dict[str, dict[str, Any]] = {}
@@ -326,7 +332,8 @@ class OrtVLM:
 
         graph = "decoder" if name == GQA_DECODER else name
         info = self.manifest["graphs"][graph]
-        path = self.dir / (info["gqa"]["file"] if name == GQA_DECODER else info["file"])
+        path = self.dir / (info["gqa"]["file"] if name == GQA_DECODER else
+                           info["mha"]["file"] if name == "vision" and self._vision_mha else info["file"])
         gq = self._quant.get("graphs", {}).get(graph, {})
         fmt = gq.get("format")
         if self.unfused and fmt == "matmulnbits":

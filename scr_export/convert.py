@@ -105,6 +105,7 @@ def staged_directory(out: Path):
 
 
 GQA_FILE = "decoder_model_merged_gqa.onnx"
+VISION_MHA_FILE = "vision_encoder_mha.onnx"
 
 
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # rope types whose cos/sin depend on the position only
@@ -175,6 +176,24 @@ def write_gqa_decoder(tmp: Path, manifest: dict, fam: Any, progress: Progress) -
              "fused norms (same weights; one prompt at a time), beside the eager decoder (batches, TensorRT)")
 
 
+def write_vision_mha(tmp: Path, fam: Any) -> dict[str, Any] | None:
+    """``VISION_MHA_FILE`` beside the vision graph, over its weights file: the eager attention blocks rewritten into
+    ONNX Runtime's MultiHeadAttention (no [heads, N, N] matrix; the runner uses it on the CPU and CUDA, TensorRT
+    builds from the eager graph). Its manifest entry, or None where the vision graph has no such block."""
+    from graph_passes.vision_attention import fuse_vision_attention
+
+    vision = getattr(fam.config, "vision_config", None)
+    heads = int(getattr(vision, "num_heads", 0) or getattr(vision, "num_attention_heads", 0) or 0)
+    width = int(getattr(vision, "embed_dim", 0) or getattr(vision, "hidden_size", 0) or 0)
+    if not heads or not width or width % heads:
+        return None
+    blocks = fuse_vision_attention(tmp / GRAPH_FILES["vision"], tmp / VISION_MHA_FILE, heads, width // heads)
+    if not blocks:
+        return None
+    return {"file": VISION_MHA_FILE, "blocks": blocks, "attention": "com.microsoft::MultiHeadAttention",
+            "weights": "the vision graph's (same external data file)"}
+
+
 def not_validated() -> dict[str, str]:
     """The manifest's parity entry of a directory converted with --no-validate (`run` says so once)."""
     return {"status": "not validated",
@@ -242,6 +261,7 @@ def convert_to_onnx(model: str, out: str | Path, *, precision: str = "fp32", exp
         image_inputs = fam.process_images([sample_image()])
         progress(f"[2/{steps}] exporting the vision encoder (dynamo)")
         export_vision(fam, image_inputs, tmp / GRAPH_FILES["vision"])
+        vision_mha = write_vision_mha(tmp, fam)
         progress(f"[3/{steps}] exporting the token embeddings (dynamo)")
         export_embed_tokens(fam, tmp / GRAPH_FILES["embed_tokens"])
         progress(f"[4/{steps}] exporting the decoder with KV cache ({exporter}"
@@ -272,6 +292,8 @@ def convert_to_onnx(model: str, out: str | Path, *, precision: str = "fp32", exp
             },
             "parity": None,
         }
+        if vision_mha:
+            manifest["graphs"]["vision"]["mha"] = vision_mha
         write_manifest(tmp, manifest)
         if quantize is not None:
             progress(f"[6/{steps}] quantizing to {precision}")

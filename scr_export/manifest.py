@@ -67,7 +67,8 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
         raise ManifestError(f"{d} lacks {gguf['file']} (the GGUF model) named in its manifest",
                             "the directory is incomplete: convert the model again")
     for name, info in data["graphs"].items():
-        for what, file in ((name, info["file"]), (f"{name}, GroupQueryAttention", info.get("gqa", {}).get("file"))):
+        for what, file in ((name, info["file"]), (f"{name}, GroupQueryAttention", info.get("gqa", {}).get("file")),
+                           (f"{name}, MultiHeadAttention", info.get("mha", {}).get("file"))):
             if file is not None and not (d / file).is_file():
                 raise ManifestError(f"{d} lacks {file} ({what}) named in its manifest",
                                     "the directory is incomplete: convert the model again")

@@ -12,12 +12,12 @@ import numpy as np
 from .config import SCRConfig
 from .diagnostic import attention_maps
 from .families import VLMFamily
+from .memory_guard import VISION_SDPA_BYTES
 from .plan import SequencePlan, plan_sequence
 from .processing import VLMInputs
 from .redistribution import Redistribution
 
 
-VISION_SDPA_BYTES = 1 << 30  # eager vision attention above this goes through torch's SDPA
 
 
 @contextlib.contextmanager

@@ -40,6 +40,9 @@ class VLMFamily:
     grid_rule: ClassVar[str] = ""                     # one line for `inspect`
     uses_mrope: ClassVar[bool] = False
     weights: Any = None  # a WeightSource when loaded without weights (load_vlm(weights=False)): streaming export
+    # how the runtime that uses this adapter runs the vision attention (memory_guard.py): the PyTorch reference
+    # switches to torch's SDPA above a size; a converted directory's host adapter says what its graph does
+    vision_attention: str = "sdpa-above"
 
     def __init__(self, model: Any, tokenizer: Any, image_processor: Any, processor_config: dict[str, Any]):
         self.model = model

@@ -26,7 +26,7 @@ CONFIG_FIELDS = (
     "text_config.num_hidden_layers", "text_config.max_position_embeddings", "text_config.hidden_size",
     "vision_config.image_size", "vision_config.patch_size", "vision_config.spatial_merge_size",
     "vq_config.resolution", "vq_config.channel_multiplier",
-    "vision_config.num_heads", "text_config.num_attention_heads",  # the memory guard's estimate (memory_guard.py)
+    "vision_config.num_heads", "vision_config.embed_dim", "text_config.num_attention_heads",  # memory_guard.py
 )
 
 
@@ -78,6 +78,7 @@ class HostModel:
         self.family = FAMILIES[name](_ConfigOnly(_namespace(manifest["model_config"])), self.tokenizer, None,
                                      processor_config)
         self.family.source, self.family.path, self.family.preset = str(self.dir), self.dir, None
+        self.family.vision_attention = "eager"  # until a runner says it runs the fused vision graph
 
     def encode(self, images: Sequence[Sequence[Any]], prompts: Sequence[str], text_only: bool = False) -> VLMInputs:
         """``images[b]`` (PIL images) of ``prompts[b]`` -> numpy input ids, mask, pixels, extras and the image
