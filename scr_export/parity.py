@@ -68,20 +68,47 @@ class Comparison:
 
     @classmethod
     def of(cls, name: str, cand: np.ndarray, ref: np.ndarray) -> "Comparison":
-        cand, ref = np.asarray(cand, np.float64), np.asarray(ref, np.float64)
+        """The numbers of ``cand`` against ``ref`` ([..., V] logits or any array), in float64, a block of rows at
+        a time: a photo's prefill is 512 compared positions x 151936 logits, and whole-array float64 temporaries
+        (differences, masks, two log-softmaxes) held 6 GB at once (measured, benchmarks/photo_memory.py)."""
+        cand, ref = np.asarray(cand), np.asarray(ref)
         if cand.shape != ref.shape:
             raise SCRExportError(f"{name}: candidate shape {cand.shape} != reference {ref.shape}",
                                  "the deployed graph does not match the reference model")
-        masked = ref <= _MASKED
-        if not np.array_equal(masked, cand <= _MASKED):
-            return cls(name, float("inf"), float("inf"), 0.0, 0.0, 0.0, float("inf"))
-        c, r = np.where(masked, 0, cand), np.where(masked, 0, ref)
-        diff = np.abs(c - r)
-        cos = float(np.dot(_flat(c), _flat(r)) / max(np.linalg.norm(c) * np.linalg.norm(r), 1e-300))
-        ratio = float(np.linalg.norm(c) / max(np.linalg.norm(r), 1e-300))
-        top1 = float(np.mean(np.argmax(np.where(masked, -np.inf, cand), -1) == np.argmax(np.where(masked, -np.inf, ref), -1)))
-        return cls(name, float(diff.max()), float(diff.max() / max(np.abs(r).max(), 1e-300)), cos, ratio, top1,
-                   _kl(ref, cand, masked))
+        width = ref.shape[-1] if ref.ndim else 1
+        c2, r2 = cand.reshape(-1, width), ref.reshape(-1, width)
+        step = max(1, _BLOCK // max(width, 1))
+        blocks = [slice(i, i + step) for i in range(0, r2.shape[0], step)]
+        masked_cols = np.zeros(width, bool)
+        for blk in blocks:  # masked entries (Chameleon's image-token logits) must agree exactly
+            m = r2[blk] <= _MASKED
+            if not np.array_equal(m, c2[blk] <= _MASKED):
+                return cls(name, float("inf"), float("inf"), 0.0, 0.0, 0.0, float("inf"))
+            masked_cols |= m.any(0)
+        max_abs = max_ref = dot = cc = rr = kl = 0.0
+        hits = 0
+        for blk in blocks:
+            r, c = r2[blk].astype(np.float64), c2[blk].astype(np.float64)
+            m = r <= _MASKED
+            top_c = np.argmax(np.where(m, -np.inf, c), -1)
+            top_r = np.argmax(np.where(m, -np.inf, r), -1)
+            hits += int(np.sum(top_c == top_r))
+            if m.any():
+                r, c = np.where(m, 0, r), np.where(m, 0, c)
+            max_abs = max(max_abs, float(np.abs(c - r).max()))
+            max_ref = max(max_ref, float(np.abs(r).max()))
+            dot += float(np.sum(c * r))
+            cc += float(np.sum(c * c))
+            rr += float(np.sum(r * r))
+            if not masked_cols.all():
+                kl += _kl(r, c, np.broadcast_to(masked_cols, r.shape)) * r.shape[0]
+        rows = max(r2.shape[0], 1)
+        norm_c, norm_r = np.sqrt(cc), np.sqrt(rr)
+        return cls(name, max_abs, max_abs / max(max_ref, 1e-300), float(dot / max(norm_c * norm_r, 1e-300)),
+                   float(norm_c / max(norm_r, 1e-300)), hits / rows, kl / rows)
+
+
+_BLOCK = 1 << 22  # elements per block of rows in Comparison.of (32 MB in float64)
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
@@ -96,7 +123,6 @@ def _kl(ref: np.ndarray, cand: np.ndarray, masked: np.ndarray) -> float:
     c = cand.reshape(-1, cand.shape[-1])[:, keep]
     lr, lc = _log_softmax(r), _log_softmax(c)
     return float(np.mean(np.sum(np.exp(lr) * (lr - lc), -1)))
-
 
 
 @dataclasses.dataclass
@@ -190,9 +216,14 @@ class ParityReport:
 
 
 def _cos(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = _flat(a), _flat(b)
-    a, b = np.where(a <= _MASKED, 0, a), np.where(b <= _MASKED, 0, b)
-    return float(np.dot(a, b) / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-300))
+    """Cosine of two arrays (masked entries as 0), in float64, ``_BLOCK`` elements at a time."""
+    a, b = np.asarray(a).reshape(-1), np.asarray(b).reshape(-1)
+    dot = aa = bb = 0.0
+    for i in range(0, a.size, _BLOCK):
+        x, y = _flat(a[i:i + _BLOCK]), _flat(b[i:i + _BLOCK])
+        x, y = np.where(x <= _MASKED, 0, x), np.where(y <= _MASKED, 0, y)
+        dot, aa, bb = dot + float(np.dot(x, y)), aa + float(np.dot(x, x)), bb + float(np.dot(y, y))
+    return float(dot / max(np.sqrt(aa) * np.sqrt(bb), 1e-300))
 
 
 def _jaccard(a, b) -> float:

@@ -301,3 +301,27 @@ def test_a_mismatched_mask_fails_every_precision_gate():
     bad = Comparison.of("logits", np.array([[1.0, 0.0]]), np.array([[1.0, FP16_MIN]]))
     for precision in ("fp32", "fp16", "int8", "4bit"):
         assert not _report(precision, [bad]), precision
+
+
+def test_comparison_in_blocks_of_rows_gives_the_whole_array_numbers(monkeypatch):
+    """Comparison.of works a block of rows at a time (a photo's prefill logits are GBs in float64): with blocks of
+    two rows, the numbers equal the whole-array formulas written out here, masked column included."""
+    import scr_export.parity as parity
+
+    monkeypatch.setattr(parity, "_BLOCK", 2 * 6)
+    rng = np.random.default_rng(3)
+    ref = rng.normal(size=(2, 5, 6))
+    cand = ref + rng.normal(scale=0.3, size=ref.shape)
+    ref[..., 4], cand[..., 4] = FP16_MIN, FP32_MIN
+    cand[1, 2] = ref[1, 2][[1, 0, 2, 3, 4, 5]]  # one row whose argmax moves
+    c = Comparison.of("x", cand.astype(np.float32), ref.astype(np.float32))
+    r = ref.astype(np.float32).astype(np.float64).reshape(-1, 6)[:, [0, 1, 2, 3, 5]]
+    k = cand.astype(np.float32).astype(np.float64).reshape(-1, 6)[:, [0, 1, 2, 3, 5]]
+    assert c.max_abs == pytest.approx(np.abs(k - r).max(), rel=1e-15)
+    assert c.max_rel == pytest.approx(np.abs(k - r).max() / np.abs(r).max(), rel=1e-15)
+    assert c.cosine == pytest.approx(np.sum(k * r) / np.sqrt(np.sum(k * k) * np.sum(r * r)), rel=1e-13)
+    assert c.norm_ratio == pytest.approx(np.sqrt(np.sum(k * k) / np.sum(r * r)), rel=1e-13)
+    assert c.top1 == pytest.approx(np.mean(k.argmax(-1) == r.argmax(-1)))
+    pr, pk = np.exp(r) / np.exp(r).sum(-1, keepdims=True), np.exp(k) / np.exp(k).sum(-1, keepdims=True)
+    assert c.kl == pytest.approx(np.mean(np.sum(pr * np.log(pr / pk), -1)), rel=1e-12)
+    assert c.top1 < 1.0
