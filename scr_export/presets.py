@@ -43,6 +43,7 @@ class Preset:
     family: str
     description: str
     build: Callable[[], tuple[Any, Any, Any, dict[str, Any]]]  # -> model, tokenizer, image_processor, processor_config
+    trained: bool = False  # weights trained by examples/toy/train.py and shipped in scr_export/toy_models/<name>/
 
 
 def _text(tok, hidden: int = 64, layers: int = 4, heads: int = 4, kv: int = 2, inter: int = 128, **kw):
@@ -82,6 +83,14 @@ def build_small_llava():
     return _llava(336, 14, dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
                                 projection_dim=256),
                   dict(hidden=512, layers=6, heads=8, kv=8, inter=1408), _scr_ranges((0, 2), (2, 4), 32))
+
+
+def build_toy_llava():
+    """The architecture of the trained toy-llava (examples/toy/train.py): 96 px / patch 12 -> 8x8 grid, CLIP 3x64,
+    a 4-layer Llama decoder of 128."""
+    return _llava(96, 12, dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                               projection_dim=64),
+                  dict(hidden=128, layers=4, heads=4, kv=2, inter=256), _scr_ranges((0, 1), (1, 3), 8))
 
 
 def build_tiny_qwen2_vl():
@@ -161,6 +170,8 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
     Preset("tiny-internvl", "internvl", "InternVL layout, 96 px tiles -> 6×6 per tile + thumbnail, 4 layers",
            build_tiny_internvl),
     Preset("tiny-chameleon", "chameleon", "Chameleon layout, 32 px VQ -> 8×8 tokens, 4 layers", build_tiny_chameleon),
+    Preset("toy-llava", "llava", "trained on the shapes world (examples/toy): 96 px / patch 12 -> 8×8 grid, 4×128 "
+           "decoder", build_toy_llava, trained=True),
     Preset("small-llava", "llava", "LLaVA-1.5 geometry: 336 px, patch 14, 24×24 = 576 image tokens, 6×512 decoder",
            build_small_llava),
 ]}
@@ -193,8 +204,20 @@ def build_preset(name: str, out_dir: Path) -> None:
     (out_dir / "scr_export_preset.json").write_text(json.dumps({"preset": name, "format": PRESET_FORMAT, "seed": SEED}))
 
 
+TOY_MODELS = Path(__file__).resolve().parent / "toy_models"
+
+
 def ensure_preset(name: str) -> Path:
-    """The preset's checkpoint directory, building it atomically on first use."""
+    """The preset's checkpoint directory, building it atomically on first use (a trained toy preset: the shipped
+    directory itself)."""
+    if PRESETS[name].trained:
+        shipped = TOY_MODELS / name
+        if not (shipped / "config.json").is_file():
+            from .errors import ModelLoadError
+
+            raise ModelLoadError(f"the trained weights of {name} are not in this installation ({shipped})",
+                                 f"train them: python examples/toy/train.py {name}")
+        return shipped
     target = preset_dir(name)
     if (target / "scr_export_preset.json").is_file():
         return target
