@@ -69,7 +69,7 @@ class Scene:
 
 def sample_objects(rng: np.random.Generator, bias: float) -> list[Obj]:
     """1-4 distinct objects; an anchor brings its partner with probability ``bias`` (an anchor drawn with no room
-    left for its partner is drawn again with that probability, so the bias holds at 4 objects too)."""
+    left for its partner is drawn again, so the bias holds at 4 objects too)."""
     pool = all_objects()
     count = int(rng.integers(1, 5))
     chosen: list[Obj] = []
@@ -78,9 +78,9 @@ def sample_objects(rng: np.random.Generator, bias: float) -> list[Obj]:
         if obj in chosen:
             continue
         partner = PARTNERS.get(obj)
+        if partner is not None and partner not in chosen and len(chosen) + 2 > 4:
+            continue  # an anchor needs room for its partner (else 4-object pictures would dilute the bias)
         if partner is not None and partner not in chosen and rng.random() < bias:
-            if len(chosen) + 2 > 4:
-                continue
             chosen += [obj, partner]
             count = max(count, len(chosen))
         else:
@@ -158,10 +158,23 @@ def draw_scene(objects: Sequence[Obj], size: int, rng: np.random.Generator):
     return pic, Scene([o for o, _ in placed], [b for _, b in placed], size, kind)
 
 
-def make_scene(seed: int, size: int, bias: float = 0.85):
-    """The picture of ``seed`` (same seed, same picture, at any ``size``'s geometry)."""
+def lone_anchor_objects(rng: np.random.Generator) -> list[Obj]:
+    """An anchor without its partner, and 0-2 other objects: the picture POPE's adversarial split is about (a model
+    that learned the co-occurrence answers "yes" to the absent partner)."""
+    anchors = list(PARTNERS)
+    anchor = anchors[int(rng.integers(len(anchors)))]
+    pool = [o for o in all_objects() if o not in (anchor, PARTNERS[anchor]) and o not in PARTNERS]
+    others = [pool[i] for i in rng.permutation(len(pool))[:int(rng.integers(0, 3))]]
+    objs = [anchor] + others
+    return [objs[i] for i in rng.permutation(len(objs))]
+
+
+def make_scene(seed: int, size: int, bias: float = 0.85, lone_anchor: bool = False):
+    """The picture of ``seed`` (same seed, same picture, at any ``size``'s geometry); ``lone_anchor``: an anchor
+    without its partner (``lone_anchor_objects``)."""
     rng = np.random.default_rng(seed)
-    return draw_scene(sample_objects(rng, bias), size, rng)
+    objects = lone_anchor_objects(rng) if lone_anchor else sample_objects(rng, bias)
+    return draw_scene(objects, size, rng)
 
 
 @functools.lru_cache(maxsize=8)
@@ -236,7 +249,8 @@ EVAL_SEED = 10_000_000  # evaluation pictures are drawn from seeds at and above 
 
 def write_pope(out: Path, size: int, per_split: int = 100, bias: float = 0.85, seed: int = EVAL_SEED) -> dict:
     """``out/{random,popular,adversarial}.jsonl`` and their pictures (``out/images/``): ``per_split`` questions
-    per split (half yes, half no), pictures from seeds no training run uses. Returns a summary."""
+    per split (half yes, half no), pictures from seeds no training run uses (half of the adversarial split's hold
+    an anchor without its partner). Returns a summary."""
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     popular = popular_order(bias)
@@ -246,7 +260,8 @@ def write_pope(out: Path, size: int, per_split: int = 100, bias: float = 0.85, s
         while len(rows) < per_split:
             s = seed + k * 100_000 + n
             n += 1
-            pic, scene = make_scene(s, size, bias)
+            # half the adversarial split's pictures hold an anchor without its partner (what the split probes)
+            pic, scene = make_scene(s, size, bias, lone_anchor=split == "adversarial" and n % 2 == 1)
             rng = np.random.default_rng(s + 7)
             file = f"images/{s}.png"
             if not (out / file).is_file():

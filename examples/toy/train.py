@@ -116,7 +116,7 @@ def answer_accuracy(fam, size: int, n: int = 96) -> dict:
             pic, scene = toyworld.make_scene(s, size)
             rng = np.random.default_rng(s + 7)
             for q, label, _ in toyworld.questions(scene, "random", rng, popular, per_image=1):
-                res = generate(fam, encode(fam, [[pic]], [q]), scr=False, max_new_tokens=3)
+                res = generate(fam, encode(fam, [[pic]], [q]), scr=False, max_new_tokens=6)
                 answers.append(pope.read_answer(res.texts[0]))
                 labels.append(label)
     fam.model.train()

@@ -1,0 +1,109 @@
+"""The shapes world (scr_export/toyworld.py) and the held-out POPE files built from it (examples/shapes-pope)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from scr_export import toyworld as tw
+
+ROOT = Path(__file__).resolve().parents[1]
+POPE = ROOT / "examples" / "shapes-pope"
+
+
+def test_same_seed_same_picture_other_seed_other_picture():
+    a, sa = tw.make_scene(5, 96)
+    b, sb = tw.make_scene(5, 96)
+    c, _ = tw.make_scene(6, 96)
+    assert np.array_equal(np.asarray(a), np.asarray(b)) and sa == sb
+    assert not np.array_equal(np.asarray(a), np.asarray(c))
+
+
+def _inside(shape: str, box) -> tuple[int, int]:
+    """A pixel every drawing of ``shape`` in ``box`` covers (a triangle's centroid, the others' centre)."""
+    x0, y0, x1, y1 = box
+    cx = (x0 + x1) // 2
+    return (cx, y0 + 2 * (y1 - y0) // 3) if shape == "triangle" else (cx, (y0 + y1) // 2)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_objects_are_drawn_where_the_scene_says_in_their_colour(seed):
+    pic, scene = tw.make_scene(seed, 160)
+    assert 1 <= len(scene.objects) <= 4 and len(set(scene.objects)) == len(scene.objects)
+    boxes = scene.boxes
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1:]:
+            assert a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1], (a, b)  # no overlap
+    img = np.asarray(pic).astype(int)
+    for (colour, shape), box in zip(scene.objects, boxes):
+        x, y = _inside(shape, box)
+        assert np.abs(img[y, x] - np.array(tw.COLORS[colour])).max() <= 40, (colour, shape, img[y, x])
+    # left to right, and the caption names them in that order
+    centres = [(b[0] + b[2]) / 2 for b in boxes]
+    assert centres == sorted(centres)
+    caption = scene.caption().lower()
+    positions = [caption.index(tw.name(o)) for o in scene.objects]
+    assert positions == sorted(positions)
+
+
+def test_the_co_occurrence_bias_is_what_the_recipe_says():
+    rng = np.random.default_rng(1)
+    with_anchor = {a: [0, 0] for a in tw.PARTNERS}
+    without = {a: [0, 0] for a in tw.PARTNERS}
+    for _ in range(20000):
+        objs = tw.sample_objects(rng, 0.85)
+        for anchor, partner in tw.PARTNERS.items():
+            d = with_anchor if anchor in objs else without
+            d[anchor][0] += partner in objs
+            d[anchor][1] += 1
+    for anchor in tw.PARTNERS:
+        p_with = with_anchor[anchor][0] / with_anchor[anchor][1]
+        p_without = without[anchor][0] / without[anchor][1]
+        assert 0.81 <= p_with <= 0.91 and p_without < 0.15, (anchor, p_with, p_without)
+    rng = np.random.default_rng(2)
+    assert all(1 <= len(tw.sample_objects(rng, 0.0)) <= 4 for _ in range(500))
+    freq = tw.frequencies()
+    partners = set(tw.PARTNERS.values())
+    assert set(tw.popular_order()[:3]) == partners  # the partners come with their anchors: the most frequent
+    assert min(freq[p] for p in partners) > max(f for o, f in freq.items() if o not in partners)
+
+
+def _rows(split):
+    return [json.loads(line) for line in (POPE / f"{split}.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("split", tw.SPLITS)
+def test_shipped_pope_files_are_balanced_true_and_held_out(split):
+    rows = _rows(split)
+    assert len(rows) == 100 and sum(r["label"] == "yes" for r in rows) == 50
+    popular = tw.popular_order()
+    for r in rows:
+        assert r["seed"] >= tw.EVAL_SEED  # training draws seeds below EVAL_SEED
+        assert (POPE / r["image"]).is_file()
+        assert (r["object"] in r["objects"]) == (r["label"] == "yes")
+        assert r["question"].startswith("Is there a") and r["object"] in r["question"]
+        if r["label"] == "no" and split == "popular":
+            present = {tuple(o.split()) for o in r["objects"]}
+            assert tuple(r["object"].split()) == next(o for o in popular if o not in present)
+    if split == "adversarial":
+        partner_negatives = sum(
+            r["label"] == "no" and any(tw.name(tw.PARTNERS[a]) == r["object"] or tw.name(a) == r["object"]
+                                       for a in tw.PARTNERS if tw.name(a) in r["objects"]
+                                       or tw.name(tw.PARTNERS[a]) in r["objects"]) for r in rows)
+        assert partner_negatives >= 10  # the co-occurring partner asked about when it is absent
+
+
+def test_shipped_pope_files_regenerate_identically(tmp_path):
+    """The files are the generator's output (seeds recorded): regenerating gives the same questions and pixels."""
+    from PIL import Image
+
+    tw.write_pope(tmp_path, 96, per_split=100)
+    for split in tw.SPLITS:
+        assert (tmp_path / f"{split}.jsonl").read_text() == (POPE / f"{split}.jsonl").read_text()
+    for row in _rows("adversarial")[:10]:
+        a = np.asarray(Image.open(tmp_path / row["image"]))
+        b = np.asarray(Image.open(POPE / row["image"]))
+        assert np.array_equal(a, b)
