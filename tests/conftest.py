@@ -1,7 +1,41 @@
 from __future__ import annotations
 
+import importlib
+import os
+import tempfile
+
 import numpy as np
 import pytest
+
+# The test configuration's own cache (presets, calibration ranges): never the user's ~/.cache/scr-export, never a
+# stale range from an earlier version; subprocesses inherit it. SCR_EXPORT_TEST_CACHE keeps one across runs.
+_OWN_CACHE = None if os.environ.get("SCR_EXPORT_TEST_CACHE") else tempfile.mkdtemp(prefix="scr-export-test-cache-")
+os.environ["SCR_EXPORT_CACHE"] = os.environ.get("SCR_EXPORT_TEST_CACHE") or _OWN_CACHE
+
+# What the README's test command installs: a package here that cannot be imported is a broken installation, which
+# fails the run; it is never a reason to skip (TensorRT, which CI machines cannot install, is not in the list).
+INSTALLED_BY_TEST_COMMAND = ("torch", "transformers", "safetensors", "onnx", "onnx_ir", "onnxscript", "onnxruntime",
+                             "ml_dtypes", "sentencepiece", "matplotlib", "llama_cpp", "gguf", "fastapi", "uvicorn",
+                             "prometheus_client", "httpx", "openai", "ray", "hypothesis")
+
+
+def pytest_sessionstart(session):
+    broken = []
+    for name in INSTALLED_BY_TEST_COMMAND:
+        try:
+            importlib.import_module(name)
+        except Exception as exc:  # ImportError, or a shared library that fails to load
+            broken.append(f"{name} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
+    if broken:
+        pytest.exit("the README's test command installs these, but they cannot be imported: " + "; ".join(broken)
+                    + ". Fix the installation (see the README's test command); nothing is skipped for it.", 1)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _OWN_CACHE is not None:
+        import shutil
+
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 TINY_PRESETS = {"llava": "tiny-llava", "qwen2_vl": "tiny-qwen2-vl", "internvl": "tiny-internvl",
                 "chameleon": "tiny-chameleon"}

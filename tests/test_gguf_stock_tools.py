@@ -11,8 +11,8 @@ import json
 import numpy as np
 import pytest
 
-pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed: pip install -e '.[llamacpp]'")
-pytest.importorskip("transformers", reason="the export extra is not installed: pip install -e '.[export]'")
+import llama_cpp  # noqa: E402,F401  (installed by the README's test command: a failed import fails)
+import transformers  # noqa: E402,F401  (installed by the README's test command: a failed import fails)
 
 from conftest import TINY_PRESETS, load, make_image  # noqa: E402
 
@@ -176,7 +176,7 @@ def test_a_sentencepiece_checkpoint_is_written_as_llama_cpps_spm_vocabulary(tmp_
     carried), keeps tokens transformers added (``<image>``) whole, and agrees with transformers' legacy Llama tokenizer
     on LLaVA's prompt (with ``legacy=False`` transformers drops the space llama.cpp and sentencepiece put after a
     special token; the conversion's check reports such a difference)."""
-    spm = pytest.importorskip("sentencepiece", reason="sentencepiece comes with the export extra")
+    import sentencepiece as spm  # noqa: E402  (installed by the README's test command)
     import gguf
     from llama_cpp import Llama
     from transformers import AutoTokenizer
