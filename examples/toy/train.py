@@ -138,7 +138,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     out = args.out or TOY_MODELS / args.preset
-    work = Path(tempfile.mkdtemp(prefix=f".{args.preset}-", dir=out.parent if out.parent.exists() else None))
+    work = Path(tempfile.mkdtemp(prefix=f"{args.preset}-train-"))  # the system's temp dir: never the package
     model, tok, ip, pc = build(args.preset)
     fam = family_for(model, tok, ip, pc, work)
     size = image_size(fam)
@@ -178,7 +178,8 @@ def main(argv=None) -> int:
             break
     final = answer_accuracy(fam, size, n=200)
     model.eval()
-    staged = Path(tempfile.mkdtemp(prefix=f".{args.preset}-out-", dir=work.parent))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staged = Path(tempfile.mkdtemp(prefix=f".{args.preset}-out-", dir=out.parent))  # renamed into place at the end
     model.save_pretrained(staged)
     tok.save_pretrained(staged)
     ip.save_pretrained(staged)
