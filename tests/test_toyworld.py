@@ -107,3 +107,22 @@ def test_shipped_pope_files_regenerate_identically(tmp_path):
         a = np.asarray(Image.open(tmp_path / row["image"]))
         b = np.asarray(Image.open(POPE / row["image"]))
         assert np.array_equal(a, b)
+
+
+def test_trained_toy_presets_load_like_checkpoints_or_say_how_to_train():
+    """A trained toy preset is a shipped checkpoint directory with its training record (>= 0.9 held-out accuracy);
+    where it is not shipped yet, asking for it names the command that trains it."""
+    from scr_export.errors import ModelLoadError
+    from scr_export.presets import PRESETS, TOY_MODELS, ensure_preset
+
+    trained = [n for n, p in PRESETS.items() if p.trained]
+    assert trained
+    for name in trained:
+        if (TOY_MODELS / name / "config.json").is_file():
+            record = json.loads((TOY_MODELS / name / "training.json").read_text())
+            assert record["final_heldout_random_200"]["accuracy"] >= 0.9, record["final_heldout_random_200"]
+            assert ensure_preset(name) == TOY_MODELS / name
+        else:
+            with pytest.raises(ModelLoadError) as info:
+                ensure_preset(name)
+            assert f"examples/toy/train.py {name}" in info.value.fix
