@@ -231,15 +231,20 @@ def questions(scene: Scene, split: str, rng: np.random.Generator, popular: Seque
         yield QUESTION.format(article(neg)), "no", neg
 
 
-def training_pairs(seed: int, size: int, bias: float = 0.85) -> tuple[Any, list[tuple[str, str]]]:
-    """A training picture and its (prompt, answer) pairs: a yes and a no question (the no question's object drawn
-    from any split, so the model sees the partner asked about when it is absent too) and the caption."""
+def training_pairs(seed: int, size: int, bias: float = 0.85, per_image: int = 1,
+                   caption: bool = True) -> tuple[Any, list[tuple[str, str]]]:
+    """A training picture and its (prompt, answer) pairs: ``per_image`` yes questions (present objects, as many as
+    there are) and as many no questions (their objects drawn from one split's negatives, so the model also sees the
+    partner asked about when it is absent), and the caption unless ``caption=False``. The default (one of each and
+    the caption) is the recipe of toy-llava's first run (README)."""
     rng = np.random.default_rng(seed)
     pic, scene = draw_scene(sample_objects(rng, bias), size, rng)
     popular = popular_order(bias)
     split = SPLITS[int(rng.integers(3))]
-    pairs = [(q, "Yes" if a == "yes" else "No") for q, a, _ in questions(scene, split, rng, popular, per_image=1)]
-    pairs.append(("Describe the image.", scene.caption()))
+    pairs = [(q, "Yes" if a == "yes" else "No")
+             for q, a, _ in questions(scene, split, rng, popular, per_image=per_image)]
+    if caption:
+        pairs.append(("Describe the image.", scene.caption()))
     return pic, pairs
 
 

@@ -69,14 +69,14 @@ def image_size(fam) -> int:
     return int(getattr(vq, "resolution", 0) or 224)
 
 
-def batch_of(fam, seeds, size: int, answer_space: str):
+def batch_of(fam, seeds, size: int, answer_space: str, per_image: int = 1, caption: bool = True):
     """Teacher-forced batch: prompt (family format, image tokens expanded) + answer + EOS; labels on the answer."""
     from scr_export.processing import encode
 
     tok = fam.tokenizer
     rows, images, extras = [], [], []
     for seed in seeds:
-        pic, pairs = toyworld.training_pairs(seed, size)
+        pic, pairs = toyworld.training_pairs(seed, size, per_image=per_image, caption=caption)
         for prompt, answer in pairs:
             enc = encode(fam, [[pic]], [prompt])
             ids = enc.tensors["input_ids"][0].tolist()
@@ -130,6 +130,9 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--batch", type=int, default=16, help="pictures per step (each gives 2 sequences)")
     ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--questions", type=int, default=1,
+                    help="yes questions per picture (and as many no questions)")
+    ap.add_argument("--no-caption", action="store_true", help="questions only (no caption sequence)")
     ap.add_argument("--minutes", type=float, default=None, help="stop (and save) after this long")
     ap.add_argument("--eval-every", type=int, default=250)
     ap.add_argument("--out", type=Path, default=None, help=f"default: {TOY_MODELS}/<preset>")
@@ -156,7 +159,7 @@ def main(argv=None) -> int:
     for step in range(1, args.steps + 1):
         seeds = list(range(seed, seed + args.batch))
         seed += args.batch
-        batch = batch_of(fam, seeds, size, space)
+        batch = batch_of(fam, seeds, size, space, args.questions, not args.no_caption)
         loss = model(**batch).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -187,7 +190,8 @@ def main(argv=None) -> int:
     record = {"preset": args.preset, "seed": SEED, "parameters": params, "steps": step, "batch_pictures": args.batch,
               "lr": args.lr, "schedule": "AdamW (0.9, 0.98), wd 0.01, linear warm-up 5 %, cosine decay, clip 1.0",
               "data": {"world": "scr_export/toyworld.py", "training_seeds": [0, seed],
-                       "per_picture": "one yes/no question (negative from a random POPE split) + the caption",
+                       "per_picture": f"{args.questions} yes + {args.questions} no questions (negatives from "
+                                      "one random POPE split)" + ("" if args.no_caption else " + the caption"),
                        "bias": 0.85, "partners": {toyworld.name(a): toyworld.name(p)
                                                   for a, p in toyworld.PARTNERS.items()},
                        "image_px": size},
