@@ -56,13 +56,13 @@ def _scr_ranges(layers: tuple[int, int], diag: tuple[int, int], k: int) -> dict[
     return {"layers": list(layers), "diag_layers": list(diag), "k": k}
 
 
-def _llava(image_size: int, patch: int, vision: dict, text: dict, scr: dict):
+def _llava(image_size: int, patch: int, vision: dict, text: dict, scr: dict, corpus: list[str] | None = None):
     import transformers as T
 
     from .tokenizer import build_byte_tokenizer
 
     tok = build_byte_tokenizer(["<image>"], {"image_token": "<image>"}, add_bos=True,  # LLaVA-1.5's Llama tokenizer
-                               chat_template=LLAVA_CHAT)
+                               chat_template=LLAVA_CHAT, corpus=corpus, merges=TOY_MERGES if corpus else 0)
     cfg = T.LlavaConfig(
         vision_config=T.CLIPVisionConfig(image_size=image_size, patch_size=patch, **vision),
         text_config=T.LlamaConfig(**_text(tok, **text)), image_token_id=tok.image_token_id,
@@ -85,12 +85,22 @@ def build_small_llava():
                   dict(hidden=512, layers=6, heads=8, kv=8, inter=1408), _scr_ranges((0, 2), (2, 4), 32))
 
 
+TOY_MERGES = 160  # a trained preset's BPE: the shapes world's words and the chat template's as single tokens
+
+
+def _toy_corpus(*template_text: str) -> list[str]:
+    from .toyworld import text_corpus
+
+    return text_corpus() + list(template_text) * 500
+
+
 def build_toy_llava():
     """The architecture of the trained toy-llava (examples/toy/train.py): 96 px / patch 12 -> 8x8 grid, CLIP 3x64,
-    a 4-layer Llama decoder of 128."""
+    a 4-layer Llama decoder of 128; a byte-level BPE learned from the world's text."""
     return _llava(96, 12, dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
                                projection_dim=64),
-                  dict(hidden=128, layers=4, heads=4, kv=2, inter=256), _scr_ranges((0, 1), (1, 3), 8))
+                  dict(hidden=128, layers=4, heads=4, kv=2, inter=256), _scr_ranges((0, 1), (1, 3), 8),
+                  corpus=_toy_corpus("USER: ", " ASSISTANT:", " Yes", " No"))
 
 
 def build_tiny_qwen2_vl():

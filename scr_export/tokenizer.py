@@ -7,8 +7,13 @@ from collections.abc import Sequence
 
 def build_byte_tokenizer(special_tokens: Sequence[str], named_tokens: dict[str, str] | None = None,
                          chat_template: str | None = None, sep_token: str | None = None,
-                         leading_tokens: Sequence[str] = (), add_bos: bool = False):
+                         leading_tokens: Sequence[str] = (), add_bos: bool = False,
+                         corpus: Sequence[str] | None = None, merges: int = 0):
     """A real ``PreTrainedTokenizerFast``: 256 byte tokens, then ``special_tokens`` in order.
+
+    ``corpus`` and ``merges``: a byte-level BPE trained on ``corpus`` by the tokenizers library's ``BpeTrainer``
+    (at most ``merges`` merges; the trained toy presets' words become single tokens, as a real BPE's would); without
+    them, no merges (every byte one token).
 
     ``named_tokens`` become tokenizer attributes (``tokenizer.image_token`` ...), as the family processors expect.
     ``leading_tokens`` (e.g. Chameleon's 8192 image-code tokens) get the ids right after <s> </s> <pad> <unk>,
@@ -28,6 +33,14 @@ def build_byte_tokenizer(special_tokens: Sequence[str], named_tokens: dict[str, 
                                    if leading_tokens else None))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
+    if corpus is not None and merges > 0:
+        if leading_tokens:
+            raise ValueError("a trained BPE with leading tokens is not supported")
+        from tokenizers import trainers
+
+        trainer = trainers.BpeTrainer(vocab_size=len(alphabet) + merges, initial_alphabet=alphabet,
+                                      show_progress=False, min_frequency=2)
+        backend.train_from_iterator(list(corpus), trainer)
     base = ["<s>", "</s>", "<pad>", "<unk>"] + ([sep_token] if sep_token else [])
     ordered = base + [t for t in special_tokens if t not in base]
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ordered])

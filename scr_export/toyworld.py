@@ -249,6 +249,19 @@ def training_pairs(seed: int, size: int, bias: float = 0.85, per_image: int = 1,
 
 
 
+def text_corpus(pictures: int = 3000, seed: int = 777_000_000) -> list[str]:
+    """The world's text (every question, the caption request, the answers, captions of ``pictures`` scenes): what a
+    trained toy preset's BPE is learned from, so its words are single tokens."""
+    rng = np.random.default_rng(seed)
+    texts = [QUESTION.format(article(o)) for o in all_objects()] + ["Describe the image.", "Yes", "No"]
+    for _ in range(pictures):
+        objs = sample_objects(rng, 0.85)
+        names = [article(o) for o in objs]
+        text = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+        texts.append(text[0].upper() + text[1:] + ".")
+    return texts
+
+
 EVAL_SEED = 10_000_000  # evaluation pictures are drawn from seeds at and above this; training uses seeds below
 
 
