@@ -325,3 +325,29 @@ def test_comparison_in_blocks_of_rows_gives_the_whole_array_numbers(monkeypatch)
     pr, pk = np.exp(r) / np.exp(r).sum(-1, keepdims=True), np.exp(k) / np.exp(k).sum(-1, keepdims=True)
     assert c.kl == pytest.approx(np.mean(np.sum(pr * np.log(pr / pk), -1)), rel=1e-12)
     assert c.top1 < 1.0
+
+
+def _scored(name, top1=1.0, kl=0.0):
+    return Comparison(name, max_abs=0.0, max_rel=0.0, cosine=1.0, norm_ratio=1.0, top1=top1, kl=kl)
+
+
+@pytest.mark.parametrize("precision, top1_gate, kl_gate", [("int8/float", 0.97, 0.01), ("fp8/float", 0.97, 0.01),
+                                                            ("int4/float", 0.90, 0.05)])
+def test_top1_and_kl_gates_judge_generated_positions_only(precision, top1_gate, kl_gate):
+    """Top-1 agreement and KL are gated on the decode logits (the tokens a user reads) and not on prefill rows
+    inside the image; the threshold itself passes, just past it fails with the numbers named."""
+    low, high = top1_gate - 0.01, kl_gate * 2
+    # prefill rows may disagree as much as they like
+    assert _report(precision, [_scored("prefill logits (SCR)", top1=0.0, kl=10.0)])
+    assert _report(precision, [_scored("decode logits x16", top1=top1_gate, kl=kl_gate)])
+    r = _report(precision, [_scored("decode logits x16", top1=low)])
+    assert r.failures == [f"decode logits x16: top-1 agreement {low:.3f} < {top1_gate}"]
+    r = _report(precision, [_scored("decode logits x16 (SCR off)", kl=high)])
+    assert r.failures == [f"decode logits x16 (SCR off): KL {high:.2e} > {kl_gate}"]
+    r = _report(precision, [_scored("prefill logits (SCR)", top1=0.0), _scored("decode logits x4", top1=low, kl=high)])
+    assert len(r.failures) == 2 and all(f.startswith("decode logits x4") for f in r.failures)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8", "4bit"])
+def test_top1_and_kl_are_not_gated_where_the_table_has_no_such_gate(precision):
+    assert _report(precision, [_scored("decode logits x16", top1=0.0, kl=5.0)])
