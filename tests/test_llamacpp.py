@@ -104,6 +104,16 @@ def test_identity_and_observe_only_hooks_are_bit_identical_to_no_hook(gguf_dir):
     ident = prefill()
     cb.handlers.clear()
     assert np.array_equal(ident, plain)
+    # the write-back path: a handler that writes every row back unchanged gives bit-identical logits, and one that
+    # writes back rows changed by a small amount gives other logits (what it returns is what the graph goes on with)
+    cb.handlers.update({f"l_out-{i}": (lambda n, rows: rows.copy()) for i in range(2)})
+    written = prefill()
+    cb.handlers.clear()
+    assert np.array_equal(written, plain)
+    cb.handlers.update({"l_out-0": (lambda n, rows: rows * np.float32(1.01))})
+    changed = prefill()
+    cb.handlers.clear()
+    assert not np.array_equal(changed, plain) and np.isfinite(changed).all()
 
 
 @pytest.mark.parametrize("family, quant", [("llava", "q8_0"), ("llava", "q4_0"), ("qwen2_vl", "q8_0")])
