@@ -84,3 +84,44 @@ def test_active_plan_refuses_a_kv_decode_step(vlm, image):
         with pytest.raises(RuntimeError, match="decode step must run with the plan inactive"):
             vlm.model(input_ids=inputs.input_ids[:, -1:], attention_mask=inputs.attention_mask[:, -1:],
                       position_ids=torch.zeros(1, 1, dtype=torch.long), use_cache=False)
+
+
+def test_layer_states_with_scr_differ_at_and_after_the_scr_layers_and_equal_them_before(vlm, image):
+    """What `validate --per-layer` compares: the reference's per-layer states with SCR equal those without it
+    before the first SCR layer (bit for bit) and differ at it and after it (so a runtime that ignored SCR could not
+    pass the per-layer check by agreeing with a reference that ignored it too)."""
+    from scr_export.reference import layer_states
+
+    inputs = encode(vlm, [[image]], ["Where is the red block?"])
+    cfg = vlm.scr_config(layers=(1, 2))
+    on = layer_states(vlm, inputs, scr=True, config=cfg)
+    off = layer_states(vlm, inputs, scr=False, config=cfg)
+    assert on.shape == off.shape and on.shape[0] == vlm.num_layers >= 4
+    np.testing.assert_array_equal(on[0], off[0])
+    for i in range(1, vlm.num_layers):
+        assert not np.allclose(on[i], off[i], atol=1e-6), f"layer {i}: SCR left no trace"
+
+
+def test_the_onnx_runner_layer_states_carry_scr_and_an_identity_plan_is_scr_off(converted, image):
+    """The deployed graph's per-layer states: with SCR they differ from SCR off at every layer from the first SCR
+    layer on, equal the reference's (same plan), and the identity plan gives exactly the SCR-off states."""
+    from conftest import load
+    from runtimes.onnxruntime_runner import OrtVLM
+    from scr_export.plan import SequencePlan
+    from scr_export.reference import layer_states
+
+    runner = OrtVLM(converted("llava")[0])
+    vlm = load("tiny-llava")
+    inputs = runner.encode([[image]], ["Where is the red block?"])
+    cfg = runner.config
+    plan = plan_for_inputs(vlm, encode(vlm, [[image]], ["Where is the red block?"]), cfg)
+    on = runner.layer_states(inputs, scr=True, plan=plan, config=cfg)
+    off = runner.layer_states(inputs, scr=False, config=cfg)
+    ident = runner.layer_states(inputs, scr=True, plan=SequencePlan.identity(*inputs.shape), config=cfg)
+    np.testing.assert_array_equal(ident, off)
+    first = cfg.layer_indices()[0]
+    for i in range(first, on.shape[0]):
+        assert not np.allclose(on[i], off[i], atol=1e-6), f"layer {i}: SCR left no trace in the graph"
+    want = layer_states(vlm, encode(vlm, [[image]], ["Where is the red block?"]), scr=True, plan=plan,
+                        config=cfg)
+    np.testing.assert_allclose(on, want, rtol=1e-4, atol=1e-4)
