@@ -196,3 +196,102 @@ def test_a_directory_whose_checkpoint_is_gone_is_a_clear_error(converted, tmp_pa
     res = run_cli("validate", str(directory), "--data", str(POPE), "--limit", "1")
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
     assert "deleted-checkpoint" in res.stderr and "neither a preset nor an existing directory" in res.stderr
+
+
+# -- failing gates: exit 1, the gate and the worst sample named ------------------------------------------------------
+
+def _damaged_copy(directory: Path, tmp_path: Path) -> Path:
+    """A converted directory whose decoder weights were changed after conversion (a slice of the weights file
+    scaled by 1.02): what a corrupted or wrongly quantized artefact looks like to validate."""
+    import shutil
+
+    bad = tmp_path / "damaged"
+    shutil.copytree(directory, bad)
+    manifest = json.loads((bad / "manifest.json").read_text())
+    data = bad / manifest["graphs"]["decoder"]["file"]
+    weights = max(bad.glob(data.name + "*.data") or bad.glob("*.data"), key=lambda p: p.stat().st_size)
+    view = np.memmap(weights, dtype=np.float32, mode="r+")
+    n = view.size
+    view[n // 4: n // 2] *= np.float32(1.02)
+    view.flush()
+    del view
+    return bad
+
+
+def test_a_damaged_directory_fails_validate_with_exit_1_naming_the_gate(converted, tmp_path):
+    bad = _damaged_copy(converted("llava")[0], tmp_path)
+    image = tmp_path / "i.png"
+    make_image(seed=5).save(image)
+    out = tmp_path / "one.json"
+    res = run_cli("validate", str(bad), "--image", str(image), "--steps", "2", "--json", str(out))
+    assert res.returncode == 1, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "Traceback" not in res.stderr
+    report = json.loads(out.read_text())
+    assert report["passed"] is False and any("max rel. error" in f for f in report["failures"]), report["failures"]
+    assert "max rel. error" in res.stdout and "FAIL" in res.stdout
+
+
+def test_a_damaged_directory_fails_validate_data_naming_the_gate_and_the_worst_sample(converted, tmp_path):
+    bad = _damaged_copy(converted("llava")[0], tmp_path)
+    out = tmp_path / "data.json"
+    res = run_cli("validate", str(bad), "--data", str(POPE), "--limit", "3", "--steps", "2", "--json", str(out))
+    assert res.returncode == 1, res.stdout[-2000:] + res.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["passed"] is False
+    failures = report["comparisons"]["float"]["failures"]
+    rel = [f for f in failures if f.startswith("max rel.")]
+    assert rel and "worst: sample" in rel[0], failures
+    # the sample named is the one whose number is the worst, read back from the per-sample lines
+    samples = [json.loads(line) for line in out.with_name(out.stem + ".samples.jsonl").read_text().splitlines()]
+    agg = report["comparisons"]["float"]["aggregates"]["max_rel"]
+    worst = agg["worst_sample"]
+    assert f"worst: sample {worst} ({samples[worst]['where']})" in rel[0]
+    assert rel[0] in res.stdout
+
+
+def _sample_report(precision, cosine=1.0, top1=1.0, greedy=True, real=0):
+    from scr_export.parity import Comparison, ParityReport
+
+    comps = [Comparison("prefill logits (SCR)", 0.0, 0.0, cosine, 1.0, 1.0, 0.0),
+             Comparison("decode logits x4", 0.0, 0.0, 1.0, 1.0, top1, 0.0)]
+    flips = {"sources": 32, "near_ties": 0, "real_flips": real, "real_flip_fraction": real / 32, "map_error": 0.0,
+             "map_error_rel": 0.0, "flips": []}
+    return ParityReport(precision=precision, provider="test", comparisons=comps, plan_identical=True,
+                        plan_jaccard=1.0, scr_effect_cosine=1.0, greedy_identical=greedy, ref_tokens=[[1]],
+                        cand_tokens=[[1]], scr_effect_cosine_same_plan=1.0, flips=flips)
+
+
+def test_aggregates_fail_on_the_tail_and_name_the_worst_sample():
+    """Twenty samples, written out by hand: the 5th percentile (numpy's linear rule) of cosines with two bad values,
+    the gate failing on it, and the worst sample named with its place in the data."""
+    from scr_export.dataset_parity import summarise
+
+    cos = [1.0] * 18 + [0.985, 0.95]  # sorted: the 5th percentile lies at rank 0.95 between 0.95 and 0.985
+    reports = [_sample_report("int8", cosine=c) for c in cos[::-1]]  # the worst first: sample 0
+    where = [f"img{i}.png" for i in range(20)]
+    s = summarise("float", reports, where)
+    a = s.aggregates["cosine"]
+    assert a.worst == 0.95 and a.worst_sample == 0
+    assert a.tail == pytest.approx(0.95 + 0.95 * (0.985 - 0.95))
+    assert a.mean == pytest.approx((18 + 0.985 + 0.95) / 20)
+    assert s.failures == [f"logits cosine (min): 5th percentile {a.tail:.5g} < 0.99 (worst: sample 0 (img0.png) "
+                          f"at 0.95)"], s.failures
+    assert not s
+    # one bad sample in twenty sits beyond the 5th percentile's reach: the tail gate holds
+    ok = summarise("float", [_sample_report("int8", cosine=c) for c in [1.0] * 19 + [0.95]], where)
+    assert ok.aggregates["cosine"].tail >= 0.99 and not any("cosine" in f for f in ok.failures)
+
+
+def test_identity_gates_count_the_samples_that_differ_and_flips_add_up():
+    from scr_export.dataset_parity import summarise
+
+    where = [f"s{i}" for i in range(5)]
+    reports = [_sample_report("fp32", greedy=g) for g in (True, False, True, False, True)]
+    s = summarise("float", reports, where)
+    assert any(f.startswith("greedy tokens identical: 2 of 5 samples differ (worst: sample 1 (s1)") for f in
+               s.failures), s.failures
+    flips = summarise("float", [_sample_report("int8", real=r) for r in (0, 3, 0, 2, 0)], where)
+    assert (flips.real_flips, flips.sources) == (5, 160)
+    assert flips.failures == []  # 5 / 160 = 0.031 <= 0.05
+    worse = summarise("float", [_sample_report("int8", real=r) for r in (4, 3, 2, 2, 0)], where)
+    assert worse.failures == ["real plan flips: 11 of 160 sources (0.069 > 0.05)"]
