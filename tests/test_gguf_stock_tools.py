@@ -125,16 +125,23 @@ def test_a_plain_llama_completes_text_as_the_pytorch_model_does(family, gguf_dir
         llm.close()
 
 
+SYSTEM_TURN = ("{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant."
+               "<|im_end|>\n{% endif %}")
+
+
 def test_qwen2_vl_gguf_and_mmproj_answer_an_image_question_in_llama_cpps_own_chat_handler(gguf_dir):
     """The pair as llama-mtmd-cli / llama-server take it: llama-cpp-python's MTMDChatHandler (libmtmd) reads the
-    chat template, the vision markers and the end-of-turn token from the GGUF, and the projector from the mmproj."""
+    chat template, the vision markers and the end-of-turn token from the GGUF, and the projector from the mmproj; its
+    greedy answer (the default system turn left out, as scr-export's prompt has none) is scr-export's llama.cpp
+    runner's greedy answer with SCR off, token for token."""
     from llama_cpp import Llama
     from llama_cpp.llama_chat_format import MTMDChatHandler
 
     out_dir, path, manifest = _gguf("qwen2_vl", "q8_0", gguf_dir)
     mmproj = out_dir / manifest["gguf"]["mmproj"]
     buf = io.BytesIO()
-    make_image(112, 84).save(buf, format="PNG")
+    picture = make_image(140, 112)  # 5 x 4 merged patches of 28: within the preset's pixel limits, so libmtmd's
+    picture.save(buf, format="PNG")  # own preprocessing and the processor's make the same grid
     uri = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
     handler = MTMDChatHandler(clip_model_path=str(mmproj), verbose=False, use_gpu=False)
     llm = Llama(model_path=str(path), chat_handler=handler, n_ctx=1024, n_threads=2, verbose=False)
@@ -142,17 +149,41 @@ def test_qwen2_vl_gguf_and_mmproj_answer_an_image_question_in_llama_cpps_own_cha
         reply = llm.create_chat_completion(
             messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": uri}},
                                                    {"type": "text", "text": "What is in the image?"}]}],
-            max_tokens=4, temperature=0.0)
+            max_tokens=4, temperature=0.0, repeat_penalty=1.0)  # greedy: no penalty (the default is 1.1)
         usage = reply["usage"]
         # the prompt holds the image's embeddings: far more positions than its text tokens alone
         text_only = len(llm.tokenize(b"What is in the image?", add_bos=False, special=True))
         assert usage["prompt_tokens"] > text_only + 16
         assert usage["completion_tokens"] >= 1
-        assert isinstance(reply["choices"][0]["message"]["content"], str)
+        # the answer: what scr-export's llama.cpp runner decodes greedily from the same GGUF, mmproj, picture and
+        # prompt with SCR off (llama.cpp's chat handler and our runner agree token for token)
+        from runtimes.llamacpp.runner import LlamaCppVLM
+
+        class NoSystemTurn(MTMDChatHandler):  # scr-export's prompt has no default system turn: the same text here
+            def _get_chat_template(self, llama_model):
+                return super()._get_chat_template(llama_model).replace(SYSTEM_TURN, "")
+
+        assert SYSTEM_TURN in handler._get_chat_template(llm)
+        plain = NoSystemTurn(clip_model_path=str(mmproj), verbose=False, use_gpu=False)
+        llm.chat_handler = plain
+        reply = llm.create_chat_completion(
+            messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": uri}},
+                                                   {"type": "text", "text": "What is in the image?"}]}],
+            max_tokens=6, temperature=0.0, repeat_penalty=1.0)
+        runner = LlamaCppVLM(out_dir)
+        ours = runner.generate(runner.encode([[picture]], ["What is in the image?"]), scr=False,
+                               max_new_tokens=reply["usage"]["completion_tokens"])
+        ids = [int(t) for t in ours.tokens[0]]
+        assert len(ids) == reply["usage"]["completion_tokens"]
+        # llama-cpp-python renders a reply's tokens as UTF-8 dropping invalid bytes (a random model's byte tokens):
+        # our tokens rendered the same way must be the reply's text
+        assert reply["choices"][0]["message"]["content"] == llm.detokenize(ids).decode("utf-8", errors="ignore"), \
+            (reply["usage"], ids)
     finally:
         llm.close()
-        handler.mtmd_ctx and handler._mtmd_cpp.mtmd_free(handler.mtmd_ctx)
-        handler.mtmd_ctx = None
+        for h in {handler, llm.chat_handler}:
+            h.mtmd_ctx and h._mtmd_cpp.mtmd_free(h.mtmd_ctx)
+            h.mtmd_ctx = None
 
 
 def test_the_placeholder_vocabulary_is_gone_tokenising_never_aborts(gguf_dir):
