@@ -126,3 +126,75 @@ def test_trained_toy_presets_load_like_checkpoints_or_say_how_to_train():
             with pytest.raises(ModelLoadError) as info:
                 ensure_preset(name)
             assert f"examples/toy/train.py {name}" in info.value.fix
+
+
+def test_the_trained_presets_bpe_makes_the_worlds_words_single_tokens_and_round_trips():
+    """The toy presets' tokenizer: a byte-level BPE learned from the world's text (tokenizers' BpeTrainer), the
+    same vocabulary every build; colours, shapes and answers are one token each; any text decodes back exactly."""
+    from scr_export.presets import _toy_corpus
+    from scr_export.tokenizer import build_byte_tokenizer
+
+    corpus = _toy_corpus("USER: ", " ASSISTANT:", " Yes", " No")
+    tok = build_byte_tokenizer(["<image>"], {"image_token": "<image>"}, add_bos=True, corpus=corpus, merges=160)
+    again = build_byte_tokenizer(["<image>"], {"image_token": "<image>"}, add_bos=True, corpus=corpus, merges=160)
+    assert tok.get_vocab() == again.get_vocab()
+    assert 256 < len(tok) <= 256 + 160 + 8
+    for word in [*tw.COLORS, *tw.SHAPES, "Yes", "No"]:
+        ids = tok(" " + word, add_special_tokens=False)["input_ids"]
+        assert len(ids) == 1, (word, tok.convert_ids_to_tokens(ids))
+    for text in ("Is there a purple diamond in the image?", "Café 日本 🚗 1234  x\n", "<image>\nhello"):
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert tok.decode(ids) == text
+    plain = build_byte_tokenizer(["<image>"], {"image_token": "<image>"}, add_bos=True)
+    assert len(plain) < len(tok)  # the untrained presets keep their byte-only vocabulary
+
+
+def test_the_trainer_runs_end_to_end_and_writes_a_loadable_checkpoint_with_its_record(tmp_path):
+    """examples/toy/train.py for a few steps: a checkpoint directory that loads through the ordinary path, and
+    training.json with the recipe, the curve and the final held-out numbers."""
+    import subprocess
+    import sys
+
+    from scr_export.loading import load_vlm
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "toy"
+    res = subprocess.run([sys.executable, str(root / "examples" / "toy" / "train.py"), "toy-llava", "--steps", "4",
+                          "--batch", "2", "--eval-every", "1000", "--out", str(out)], capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    record = json.loads((out / "training.json").read_text())
+    assert record["steps"] == 4 and record["batch_pictures"] == 2 and record["seed"] == 0
+    assert record["data"]["training_seeds"] == [0, 8]  # 4 steps x 2 pictures, below the evaluation seeds
+    final = record["final_heldout_random_200"]
+    assert 0.0 <= final["accuracy"] <= 1.0 and 0.0 <= final["yes_ratio"] <= 1.0
+    assert [p["step"] for p in record["curve"]] == [4]
+    vlm = load_vlm(str(out))
+    assert vlm.name == "llava" and vlm.num_layers == 4
+    assert not list(out.parent.glob(".toy-llava-out-*"))  # staged output renamed into place
+
+
+def test_the_pope_benchmark_smoke(tmp_path):
+    """benchmarks/toy_pope.py --smoke: converts a preset (the trained one where shipped) and validates it over the
+    shapes POPE file; the table names the reference's and the deployed model's accuracy with SCR and without."""
+    import subprocess
+    import sys
+
+    from scr_export.presets import TOY_MODELS
+
+    root = Path(__file__).resolve().parents[1]
+    preset = "toy-llava" if (TOY_MODELS / "toy-llava" / "config.json").is_file() else "tiny-llava"
+    out = tmp_path / "r.json"
+    res = subprocess.run([sys.executable, str(root / "benchmarks" / "toy_pope.py"), "--smoke", "--preset", preset,
+                          "--work", str(tmp_path / "w"), "--json", str(out)], capture_output=True, text=True,
+                         timeout=900)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "ref SCR" in res.stdout and "dep. off" in res.stdout
+    r = json.loads(out.read_text())["results"]["fp32"]["adversarial"]
+    assert r["samples"] == 6 and r["passed"] is True  # fp32 holds every gate
+    for key in ("reference_scr", "reference_off", "deployed_scr", "deployed_off"):
+        assert r["pope"][key]["n"] == 6
+    assert len(list((tmp_path / "w" / "calibration").glob("*.png"))) == 24
+    bad = subprocess.run([sys.executable, str(root / "benchmarks" / "toy_pope.py"), "--precisions", "int3"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "unknown precision int3" in bad.stderr
