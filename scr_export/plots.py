@@ -131,3 +131,26 @@ def validation_figure(report: Any | None, layers: dict[str, list[dict]] | None, 
             ax.legend(fontsize=8)
         fig.tight_layout()
     return fig
+
+
+def world_figure(samples: list[tuple[Any, str, str]], columns: int = 4):
+    """The shapes world at a glance: each sample's picture with its caption and one POPE question and answer
+    (``[(PIL image, caption, "question -> answer")]``)."""
+    rows = (len(samples) + columns - 1) // columns
+    fig = figure(3.0 * columns, 3.9 * rows)
+    with styled():
+        for i, (pic, caption, qa) in enumerate(samples):
+            ax = fig.add_subplot(rows, columns, i + 1)
+            ax.imshow(np.asarray(pic), interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(_wrap(caption, 34), fontsize=8)
+            ax.set_xlabel(_wrap(qa, 38), fontsize=8)
+        fig.tight_layout(h_pad=1.5)
+    return fig
+
+
+def _wrap(text: str, width: int) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, width))
