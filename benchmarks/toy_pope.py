@@ -5,8 +5,8 @@
     python benchmarks/toy_pope.py --smoke     # one precision, one split, 6 questions: what the test suite runs
 
 For each precision the trained preset is converted (`scr-export convert ... --no-validate`; int8 / fp8 calibrated
-on pictures from the training distribution, never the held-out files) and `scr-export validate DIR --data
-examples/shapes-pope/<split>.jsonl` is run on it: the logits gates on the aggregate and POPE's accuracy / F1 /
+on examples/shapes-calibration: pictures from the training distribution, never the held-out ones) and
+`scr-export validate DIR --data examples/shapes-pope/<split>.jsonl` is run on it: the logits gates on the aggregate and POPE's accuracy / F1 /
 yes-ratio of the reference and of the deployed model, each with SCR and without. Printed per precision and split:
 
     precision  split  ref SCR  ref off  SCR gain  deployed SCR  deployed off  SCR gain  answers = ref  gates
@@ -31,21 +31,7 @@ sys.path.insert(0, str(ROOT))
 POPE = ROOT / "examples" / "shapes-pope"
 ONNX = ("fp32", "fp16", "int8", "int4", "fp8")
 GGUF = ("q8_0", "q4_0", "q4_k_m")
-CALIB_SEED = 5_000_000  # training-distribution pictures (below toyworld.EVAL_SEED), none in a training run's range
-
-
-def calibration_set(out: Path, size: int, n: int = 24) -> Path:
-    """``n`` training-distribution pictures and a question each (prompts.txt), for int8 / fp8 calibration."""
-    from scr_export import toyworld
-
-    out.mkdir(parents=True, exist_ok=True)
-    prompts = []
-    for i in range(n):
-        pic, pairs = toyworld.training_pairs(CALIB_SEED + i, size, caption=False)
-        pic.save(out / f"calib-{i:03d}.png")
-        prompts.append(pairs[i % len(pairs)][0])
-    (out / "prompts.txt").write_text("\n".join(prompts) + "\n")
-    return out
+CALIB = ROOT / "examples" / "shapes-calibration"  # training-distribution pictures (toyworld.write_calibration)
 
 
 def cli(*args: str, timeout: float = 3600) -> subprocess.CompletedProcess:
@@ -123,8 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     work = args.work or Path(tempfile.mkdtemp(prefix="toy-pope-"))
     work.mkdir(parents=True, exist_ok=True)
-    size = json.loads((Path(model) / "config.json").read_text())["vision_config"].get("image_size", 96)
-    calib = calibration_set(work / "calibration", int(size))
+    calib = CALIB
     results: dict[str, dict[str, dict]] = {}
     print(f"== {args.preset} ({model}) over {POPE.relative_to(ROOT)}: accuracy; SCR gain = with SCR - without")
     print(HEAD)

@@ -263,6 +263,21 @@ def text_corpus(pictures: int = 3000, seed: int = 777_000_000) -> list[str]:
 
 
 EVAL_SEED = 10_000_000  # evaluation pictures are drawn from seeds at and above this; training uses seeds below
+CALIB_SEED = 5_000_000  # calibration pictures: the training distribution, a range no training run reaches
+
+
+def write_calibration(out: Path, size: int, n: int = 16, seed: int = CALIB_SEED) -> Path:
+    """``n`` training-distribution pictures and one question each (``prompts.txt``): int8 / fp8 calibration data
+    for the toy presets (``examples/shapes-calibration``), never the held-out POPE pictures."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    prompts = []
+    for i in range(n):
+        pic, pairs = training_pairs(seed + i, size, caption=False)
+        pic.save(out / f"calib-{i:03d}.png")
+        prompts.append(pairs[i % len(pairs)][0])
+    (out / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    return out
 
 
 def write_pope(out: Path, size: int, per_split: int = 100, bias: float = 0.85, seed: int = EVAL_SEED) -> dict:

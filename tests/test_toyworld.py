@@ -194,7 +194,22 @@ def test_the_pope_benchmark_smoke(tmp_path):
     assert r["samples"] == 6 and r["passed"] is True  # fp32 holds every gate
     for key in ("reference_scr", "reference_off", "deployed_scr", "deployed_off"):
         assert r["pope"][key]["n"] == 6
-    assert len(list((tmp_path / "w" / "calibration").glob("*.png"))) == 24
     bad = subprocess.run([sys.executable, str(root / "benchmarks" / "toy_pope.py"), "--precisions", "int3"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "unknown precision int3" in bad.stderr
+
+
+def test_shipped_calibration_pictures_regenerate_identically_and_are_not_held_out(tmp_path):
+    """examples/shapes-calibration: the toy presets' int8 / fp8 calibration data, from the training distribution
+    (seeds below the evaluation range, above any training run's), regenerated bit for bit."""
+    from PIL import Image
+
+    shipped = Path(__file__).resolve().parents[1] / "examples" / "shapes-calibration"
+    tw.write_calibration(tmp_path, 96)
+    assert (tmp_path / "prompts.txt").read_text() == (shipped / "prompts.txt").read_text()
+    names = sorted(p.name for p in shipped.glob("*.png"))
+    assert names == sorted(p.name for p in tmp_path.glob("*.png")) and len(names) == 16
+    for n in names[:4]:
+        assert np.array_equal(np.asarray(Image.open(tmp_path / n)), np.asarray(Image.open(shipped / n)))
+    assert tw.CALIB_SEED + 16 <= tw.EVAL_SEED
+    assert all(line.startswith("Is there ") for line in (shipped / "prompts.txt").read_text().splitlines())
