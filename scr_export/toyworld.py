@@ -231,22 +231,41 @@ def questions(scene: Scene, split: str, rng: np.random.Generator, popular: Seque
         yield QUESTION.format(article(neg)), "no", neg
 
 
+def confusable(scene: Scene, rng: np.random.Generator, by: str) -> Obj | None:
+    """An absent object sharing a colour (``by="colour"``) or a shape (``by="shape"``) with a present one: the
+    negative that only a model which binds colour to shape answers right (None if there is none)."""
+    present = set(scene.objects)
+    i = 0 if by == "colour" else 1
+    options = [o for o in all_objects() if o not in present and any(o[i] == p[i] for p in present)]
+    return options[int(rng.integers(len(options)))] if options else None
+
+
 def training_pairs(seed: int, size: int, bias: float = 0.85, per_image: int = 1,
-                   caption: bool = True) -> tuple[Any, list[tuple[str, str]]]:
+                   caption: bool = True, hard: bool = False) -> tuple[Any, list[tuple[str, str]]]:
     """A training picture and its (prompt, answer) pairs: ``per_image`` yes questions (present objects, as many as
     there are) and as many no questions (their objects drawn from one split's negatives, so the model also sees the
-    partner asked about when it is absent), and the caption unless ``caption=False``. The default (one of each and
-    the caption) is the recipe of toy-llava's first run (README)."""
+    partner asked about when it is absent), and the caption unless ``caption=False``. ``hard``: every second no
+    question asks instead about a confusable absent object (a present colour in another shape, or a present shape
+    in another colour, in turn), drawn from a generator of its own so the other questions stay as they were. The
+    default (one of each and the caption) is the recipe of toy-llava's first run (README)."""
     rng = np.random.default_rng(seed)
     pic, scene = draw_scene(sample_objects(rng, bias), size, rng)
     popular = popular_order(bias)
     split = SPLITS[int(rng.integers(3))]
-    pairs = [(q, "Yes" if a == "yes" else "No")
-             for q, a, _ in questions(scene, split, rng, popular, per_image=per_image)]
+    asked = list(questions(scene, split, rng, popular, per_image=per_image))
+    if hard:
+        hard_rng = np.random.default_rng(seed + 11)
+        taken = {obj for _, _, obj in asked}
+        nos = [i for i, (_, a, _) in enumerate(asked) if a == "no"]
+        for n, i in enumerate(nos[1::2] if len(nos) > 1 else nos):
+            obj = confusable(scene, hard_rng, ("colour", "shape")[(seed + n) % 2])
+            if obj is not None and obj not in taken:
+                taken.add(obj)
+                asked[i] = (QUESTION.format(article(obj)), "no", obj)
+    pairs = [(q, "Yes" if a == "yes" else "No") for q, a, _ in asked]
     if caption:
         pairs.append(("Describe the image.", scene.caption()))
     return pic, pairs
-
 
 
 def text_corpus(pictures: int = 3000, seed: int = 777_000_000) -> list[str]:

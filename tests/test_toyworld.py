@@ -120,7 +120,8 @@ def test_trained_toy_presets_load_like_checkpoints_or_say_how_to_train():
     for name in trained:
         if (TOY_MODELS / name / "config.json").is_file():
             record = json.loads((TOY_MODELS / name / "training.json").read_text())
-            assert record["final_heldout_random_200"]["accuracy"] >= 0.9, record["final_heldout_random_200"]
+            assert record["final_questions"] >= 200
+            assert record["final_heldout_random"]["accuracy"] >= 0.9, record["final_heldout_random"]
             assert ensure_preset(name) == TOY_MODELS / name
         else:
             with pytest.raises(ModelLoadError) as info:
@@ -160,13 +161,15 @@ def test_the_trainer_runs_end_to_end_and_writes_a_loadable_checkpoint_with_its_r
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "toy"
     res = subprocess.run([sys.executable, str(root / "examples" / "toy" / "train.py"), "toy-llava", "--steps", "4",
-                          "--batch", "2", "--eval-every", "1000", "--out", str(out)], capture_output=True, text=True,
+                          "--batch", "2", "--eval-every", "1000", "--final-questions", "8", "--hard",
+                          "--out", str(out)], capture_output=True, text=True,
                          timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     record = json.loads((out / "training.json").read_text())
     assert record["steps"] == 4 and record["batch_pictures"] == 2 and record["seed"] == 0
     assert record["data"]["training_seeds"] == [0, 8]  # 4 steps x 2 pictures, below the evaluation seeds
-    final = record["final_heldout_random_200"]
+    assert "confusable" in record["data"]["per_picture"] and record["command"].endswith(str(out))
+    final = record["final_heldout_random"]
     assert 0.0 <= final["accuracy"] <= 1.0 and 0.0 <= final["yes_ratio"] <= 1.0
     assert [p["step"] for p in record["curve"]] == [4]
     vlm = load_vlm(str(out))
@@ -213,3 +216,30 @@ def test_shipped_calibration_pictures_regenerate_identically_and_are_not_held_ou
         assert np.array_equal(np.asarray(Image.open(tmp_path / n)), np.asarray(Image.open(shipped / n)))
     assert tw.CALIB_SEED + 16 <= tw.EVAL_SEED
     assert all(line.startswith("Is there ") for line in (shipped / "prompts.txt").read_text().splitlines())
+
+
+def test_hard_negatives_are_absent_objects_that_share_a_colour_or_a_shape():
+    """training_pairs(hard=True): every second no question asks about an absent object sharing a colour or a shape
+    with a present one; yes questions, the caption and the picture are those of the default recipe."""
+    shared = 0
+    for seed in range(60):
+        pic, plain = tw.training_pairs(seed, 96, per_image=2)
+        pic2, hard = tw.training_pairs(seed, 96, per_image=2, hard=True)
+        assert np.array_equal(np.asarray(pic), np.asarray(pic2))
+        assert [p for p in plain if p[1] != "No"] == [p for p in hard if p[1] != "No"]
+        rng = np.random.default_rng(seed)
+        scene = tw.draw_scene(tw.sample_objects(rng, 0.85), 96, rng)[1]
+        present = set(scene.objects)
+        for q, a in hard:
+            if a == "No":
+                obj = next(o for o in tw.all_objects() if q == tw.QUESTION.format(tw.article(o)))
+                assert obj not in present
+                shared += any(obj[0] == p[0] or obj[1] == p[1] for p in present)
+    assert shared >= 60  # at least one confusable no question per picture on average
+    scene = tw.Scene([("red", "circle")], [(0, 0, 10, 10)], 96, "noise")
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        c = tw.confusable(scene, rng, "colour")
+        assert c[0] == "red" and c != ("red", "circle")
+        s = tw.confusable(scene, rng, "shape")
+        assert s[1] == "circle" and s != ("red", "circle")

@@ -69,14 +69,14 @@ def image_size(fam) -> int:
     return int(getattr(vq, "resolution", 0) or 224)
 
 
-def batch_of(fam, seeds, size: int, answer_space: str, per_image: int = 1, caption: bool = True):
+def batch_of(fam, seeds, size: int, answer_space: str, per_image: int = 1, caption: bool = True, hard: bool = False):
     """Teacher-forced batch: prompt (family format, image tokens expanded) + answer + EOS; labels on the answer."""
     from scr_export.processing import encode
 
     tok = fam.tokenizer
     rows, images, extras = [], [], []
     for seed in seeds:
-        pic, pairs = toyworld.training_pairs(seed, size, per_image=per_image, caption=caption)
+        pic, pairs = toyworld.training_pairs(seed, size, per_image=per_image, caption=caption, hard=hard)
         for prompt, answer in pairs:
             enc = encode(fam, [[pic]], [prompt])
             ids = enc.tensors["input_ids"][0].tolist()
@@ -133,6 +133,14 @@ def main(argv=None) -> int:
     ap.add_argument("--questions", type=int, default=1,
                     help="yes questions per picture (and as many no questions)")
     ap.add_argument("--no-caption", action="store_true", help="questions only (no caption sequence)")
+    ap.add_argument("--hard", action="store_true",
+                    help="every second no question about a confusable object (a present colour in another shape, "
+                         "or a present shape in another colour)")
+    ap.add_argument("--init", type=Path, default=None,
+                    help="start from this checkpoint directory's weights (a previous run's output; its record is "
+                         "kept in the new one) instead of the builder's initialisation")
+    ap.add_argument("--start-seed", type=int, default=0, help="first training picture's seed")
+    ap.add_argument("--final-questions", type=int, default=200, help="held-out questions of the final score")
     ap.add_argument("--minutes", type=float, default=None, help="stop (and save) after this long")
     ap.add_argument("--eval-every", type=int, default=250)
     ap.add_argument("--out", type=Path, default=None, help=f"default: {TOY_MODELS}/<preset>")
@@ -143,6 +151,15 @@ def main(argv=None) -> int:
     out = args.out or TOY_MODELS / args.preset
     work = Path(tempfile.mkdtemp(prefix=f"{args.preset}-train-"))  # the system's temp dir: never the package
     model, tok, ip, pc = build(args.preset)
+    init_record = None
+    if args.init:
+        from transformers import AutoTokenizer
+
+        # transformers' own loader (it maps the saved layout back onto the model's); the builder's architecture
+        model = type(model).from_pretrained(args.init, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(args.init)  # the vocabulary the weights were trained with
+        if (args.init / "training.json").is_file():
+            init_record = json.loads((args.init / "training.json").read_text())
     fam = family_for(model, tok, ip, pc, work)
     size = image_size(fam)
     space = " " if fam.name == "llava" else ""  # llava-hf answers after "ASSISTANT:" with a space
@@ -155,11 +172,11 @@ def main(argv=None) -> int:
     warm = max(1, args.steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps))))
-    curve, t0, seed, step, ema = [], time.time(), 0, 0, None
+    curve, t0, seed, step, ema = [], time.time(), args.start_seed, 0, None
     for step in range(1, args.steps + 1):
         seeds = list(range(seed, seed + args.batch))
         seed += args.batch
-        batch = batch_of(fam, seeds, size, space, args.questions, not args.no_caption)
+        batch = batch_of(fam, seeds, size, space, args.questions, not args.no_caption, args.hard)
         loss = model(**batch).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -179,7 +196,7 @@ def main(argv=None) -> int:
         if args.minutes and time.time() - t0 > 60 * args.minutes:
             print(f"stopping at step {step}: --minutes {args.minutes}", flush=True)
             break
-    final = answer_accuracy(fam, size, n=200)
+    final = answer_accuracy(fam, size, n=args.final_questions)
     model.eval()
     out.parent.mkdir(parents=True, exist_ok=True)
     staged = Path(tempfile.mkdtemp(prefix=f".{args.preset}-out-", dir=out.parent))  # renamed into place at the end
@@ -189,14 +206,16 @@ def main(argv=None) -> int:
     (staged / "processor_config.json").write_text(json.dumps(pc, indent=2, sort_keys=True))
     record = {"preset": args.preset, "seed": SEED, "parameters": params, "steps": step, "batch_pictures": args.batch,
               "lr": args.lr, "schedule": "AdamW (0.9, 0.98), wd 0.01, linear warm-up 5 %, cosine decay, clip 1.0",
-              "data": {"world": "scr_export/toyworld.py", "training_seeds": [0, seed],
+              "data": {"world": "scr_export/toyworld.py", "training_seeds": [args.start_seed, seed],
                        "per_picture": f"{args.questions} yes + {args.questions} no questions (negatives from "
-                                      "one random POPE split)" + ("" if args.no_caption else " + the caption"),
+                                      "one random POPE split)" + ("" if args.no_caption else " + the caption")
+                                      + ("; every second no question a confusable object" if args.hard else ""),
                        "bias": 0.85, "partners": {toyworld.name(a): toyworld.name(p)
                                                   for a, p in toyworld.PARTNERS.items()},
                        "image_px": size},
               "torch": torch.__version__, "minutes": round((time.time() - t0) / 60, 1),
-              "final_heldout_random_200": final, "curve": curve}
+              "final_heldout_random": final, "final_questions": args.final_questions, "curve": curve,
+              "init": init_record, "command": " ".join(["python examples/toy/train.py", *sys.argv[1:]])}
     (staged / "training.json").write_text(json.dumps(record, indent=1))
     if out.exists():
         shutil.rmtree(out)
