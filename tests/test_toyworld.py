@@ -161,17 +161,18 @@ def test_the_trainer_runs_end_to_end_and_writes_a_loadable_checkpoint_with_its_r
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "toy"
     res = subprocess.run([sys.executable, str(root / "examples" / "toy" / "train.py"), "toy-llava", "--steps", "4",
-                          "--batch", "2", "--eval-every", "1000", "--final-questions", "8", "--hard",
+                          "--batch", "2", "--eval-every", "1000", "--final-questions", "8", "--hard", "--stop-at", "3",
                           "--out", str(out)], capture_output=True, text=True,
                          timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     record = json.loads((out / "training.json").read_text())
-    assert record["steps"] == 4 and record["batch_pictures"] == 2 and record["seed"] == 0
-    assert record["data"]["training_seeds"] == [0, 8]  # 4 steps x 2 pictures, below the evaluation seeds
+    assert record["steps"] == 3 and record["schedule_steps"] == 4 and record["batch_pictures"] == 2
+    assert record["seed"] == 0
+    assert record["data"]["training_seeds"] == [0, 6]  # 3 steps x 2 pictures, below the evaluation seeds
     assert "confusable" in record["data"]["per_picture"] and record["command"].endswith(str(out))
     final = record["final_heldout_random"]
     assert 0.0 <= final["accuracy"] <= 1.0 and 0.0 <= final["yes_ratio"] <= 1.0
-    assert [p["step"] for p in record["curve"]] == [4]
+    assert [p["step"] for p in record["curve"]] == []  # stopped before the first point of the curve
     vlm = load_vlm(str(out))
     assert vlm.name == "llava" and vlm.num_layers == 4
     assert not list(out.parent.glob(".toy-llava-out-*"))  # staged output renamed into place

@@ -142,6 +142,9 @@ def main(argv=None) -> int:
     ap.add_argument("--start-seed", type=int, default=0, help="first training picture's seed")
     ap.add_argument("--final-questions", type=int, default=200, help="held-out questions of the final score")
     ap.add_argument("--minutes", type=float, default=None, help="stop (and save) after this long")
+    ap.add_argument("--stop-at", type=int, default=None,
+                    help="stop (and save) after this many steps, the schedule still that of --steps (what a run "
+                         "stopped by --minutes did, repeated exactly)")
     ap.add_argument("--eval-every", type=int, default=250)
     ap.add_argument("--out", type=Path, default=None, help=f"default: {TOY_MODELS}/<preset>")
     ap.add_argument("--threads", type=int, default=None)
@@ -193,6 +196,9 @@ def main(argv=None) -> int:
             print(f"  held-out: {point}", flush=True)
         if step % 25 == 0 or "accuracy" in point:
             curve.append(point)
+        if args.stop_at and step >= args.stop_at:
+            print(f"stopping at step {step}: --stop-at {args.stop_at}", flush=True)
+            break
         if args.minutes and time.time() - t0 > 60 * args.minutes:
             print(f"stopping at step {step}: --minutes {args.minutes}", flush=True)
             break
@@ -204,7 +210,8 @@ def main(argv=None) -> int:
     tok.save_pretrained(staged)
     ip.save_pretrained(staged)
     (staged / "processor_config.json").write_text(json.dumps(pc, indent=2, sort_keys=True))
-    record = {"preset": args.preset, "seed": SEED, "parameters": params, "steps": step, "batch_pictures": args.batch,
+    record = {"preset": args.preset, "seed": SEED, "parameters": params, "steps": step, "schedule_steps": args.steps,
+              "batch_pictures": args.batch,
               "lr": args.lr, "schedule": "AdamW (0.9, 0.98), wd 0.01, linear warm-up 5 %, cosine decay, clip 1.0",
               "data": {"world": "scr_export/toyworld.py", "training_seeds": [args.start_seed, seed],
                        "per_picture": f"{args.questions} yes + {args.questions} no questions (negatives from "
