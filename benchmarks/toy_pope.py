@@ -84,7 +84,7 @@ HEAD = (f"{'prec.':<8}{'split':<13}{'ref SCR':>8}{'ref off':>8}{'SCR gain':>9}{'
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="toy-llava")
+    ap.add_argument("--preset", default="toy-llava", help="a preset name or a checkpoint directory (a training run's)")
     ap.add_argument("--precisions", default=",".join(ONNX + GGUF))
     ap.add_argument("--splits", default="random,popular,adversarial")
     ap.add_argument("--limit", type=int, default=None, help="questions per split (default: all)")
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     from scr_export.presets import ensure_preset
 
     try:
-        model = ensure_preset(args.preset)
+        model = Path(args.preset) if (Path(args.preset) / "config.json").is_file() else ensure_preset(args.preset)
     except SCRExportError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     print(HEAD)
     status = 0
     for precision in precisions:
-        directory = work / f"{args.preset}-{precision}"
+        directory = work / f"{Path(args.preset).name}-{precision}"
         ok, tail = convert(str(model), precision, directory, calib)
         results[precision] = {}
         for split in args.splits.split(","):

@@ -140,6 +140,8 @@ def main(argv=None) -> int:
                     help="start from this checkpoint directory's weights (a previous run's output; its record is "
                          "kept in the new one) instead of the builder's initialisation")
     ap.add_argument("--start-seed", type=int, default=0, help="first training picture's seed")
+    ap.add_argument("--patch", type=int, default=None,
+                    help="vision patch size in place of the preset's (a finer grid: more image tokens)")
     ap.add_argument("--final-questions", type=int, default=200, help="held-out questions of the final score")
     ap.add_argument("--minutes", type=float, default=None, help="stop (and save) after this long")
     ap.add_argument("--stop-at", type=int, default=None,
@@ -154,6 +156,13 @@ def main(argv=None) -> int:
     out = args.out or TOY_MODELS / args.preset
     work = Path(tempfile.mkdtemp(prefix=f"{args.preset}-train-"))  # the system's temp dir: never the package
     model, tok, ip, pc = build(args.preset)
+    if args.patch:
+        cfg = model.config
+        cfg.vision_config.patch_size = args.patch
+        with torch.random.fork_rng():
+            torch.manual_seed(SEED)
+            model = type(model)(cfg)
+        pc = {**pc, "patch_size": args.patch}
     init_record = None
     if args.init:
         from transformers import AutoTokenizer
@@ -222,7 +231,7 @@ def main(argv=None) -> int:
                        "image_px": size},
               "torch": torch.__version__, "minutes": round((time.time() - t0) / 60, 1),
               "final_heldout_random": final, "final_questions": args.final_questions, "curve": curve,
-              "init": init_record, "command": " ".join(["python examples/toy/train.py", *sys.argv[1:]])}
+              "init": init_record, "patch_override": args.patch, "command": " ".join(["python examples/toy/train.py", *sys.argv[1:]])}
     (staged / "training.json").write_text(json.dumps(record, indent=1))
     if out.exists():
         shutil.rmtree(out)
