@@ -6,8 +6,8 @@
 
 For each precision the trained preset is converted (`scr-export convert ... --no-validate`; int8 / fp8 calibrated
 on examples/shapes-calibration: pictures from the training distribution, never the held-out ones) and
-`scr-export validate DIR --data examples/shapes-pope/<split>.jsonl` is run on it: the logits gates on the aggregate and POPE's accuracy / F1 /
-yes-ratio of the reference and of the deployed model, each with SCR and without. Printed per precision and split:
+`scr-export validate DIR --data examples/shapes-pope/<split>.jsonl` is run on it: the logits gates on the aggregate
+and POPE's accuracy / F1 / yes-ratio of the reference and of the deployed model, each with SCR and without. Printed per precision and split:
 
     precision  split  ref SCR  ref off  SCR gain  deployed SCR  deployed off  SCR gain  answers = ref  gates
 

@@ -62,9 +62,14 @@ class Scene:
     background: str
 
     def caption(self) -> str:
-        names = [article(o) for o in self.objects]
-        text = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
-        return text[0].upper() + text[1:] + "."
+        return caption_of(self.objects)
+
+
+def caption_of(objects: Sequence[Obj]) -> str:
+    """"A red circle, a blue square and a green star." (the objects in the order given)."""
+    names = [article(o) for o in objects]
+    text = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+    return text[0].upper() + text[1:] + "."
 
 
 def sample_objects(rng: np.random.Generator, bias: float) -> list[Obj]:
@@ -273,11 +278,7 @@ def text_corpus(pictures: int = 3000, seed: int = 777_000_000) -> list[str]:
     trained toy preset's BPE is learned from, so its words are single tokens."""
     rng = np.random.default_rng(seed)
     texts = [QUESTION.format(article(o)) for o in all_objects()] + ["Describe the image.", "Yes", "No"]
-    for _ in range(pictures):
-        objs = sample_objects(rng, 0.85)
-        names = [article(o) for o in objs]
-        text = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
-        texts.append(text[0].upper() + text[1:] + ".")
+    texts += [caption_of(sample_objects(rng, 0.85)) for _ in range(pictures)]
     return texts
 
 

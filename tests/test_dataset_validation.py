@@ -209,7 +209,7 @@ def _damaged_copy(directory: Path, tmp_path: Path) -> Path:
     shutil.copytree(directory, bad)
     manifest = json.loads((bad / "manifest.json").read_text())
     data = bad / manifest["graphs"]["decoder"]["file"]
-    weights = max(bad.glob(data.name + "*.data") or bad.glob("*.data"), key=lambda p: p.stat().st_size)
+    weights = data.with_name(data.name + ".data")  # the decoder's external weights file
     view = np.memmap(weights, dtype=np.float32, mode="r+")
     n = view.size
     view[n // 4: n // 2] *= np.float32(1.02)

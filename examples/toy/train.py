@@ -231,7 +231,8 @@ def main(argv=None) -> int:
                        "image_px": size},
               "torch": torch.__version__, "minutes": round((time.time() - t0) / 60, 1),
               "final_heldout_random": final, "final_questions": args.final_questions, "curve": curve,
-              "init": init_record, "patch_override": args.patch, "command": " ".join(["python examples/toy/train.py", *sys.argv[1:]])}
+              "init": init_record, "patch_override": args.patch,
+              "command": " ".join(["python examples/toy/train.py", *sys.argv[1:]])}
     (staged / "training.json").write_text(json.dumps(record, indent=1))
     if out.exists():
         shutil.rmtree(out)
