@@ -33,6 +33,7 @@ from scr_export import toyworld  # noqa: E402
 from scr_export.presets import PRESETS, SEED, TOY_MODELS  # noqa: E402
 
 VALIDATION_SEED = toyworld.EVAL_SEED + 900_000  # a held-out set of its own (not the shipped POPE files)
+VISION_SEED = 2_000_000  # the vision stage's pictures: a training range of their own (below CALIB_SEED)
 
 
 def build(name: str):
@@ -99,6 +100,93 @@ def batch_of(fam, seeds, size: int, answer_space: str, per_image: int = 1, capti
     return batch
 
 
+def vision_tower(model):
+    """The family's vision encoder module (what LLaVA-1.5 freezes after its CLIP pre-training)."""
+    inner = getattr(model, "model", model)
+    for name in ("vision_tower", "visual"):
+        if getattr(inner, name, None) is not None:
+            return getattr(inner, name)
+    raise SystemExit(f"{type(model).__name__} has no trainable vision tower (a VQ tokenizer?): drop --vision-steps")
+
+
+def image_features(fam, pics) -> torch.Tensor:
+    """The projected image features the decoder reads, [pictures, tokens, hidden]."""
+    feats = fam.model.get_image_features(**fam.process_images(pics)).pooler_output
+    if isinstance(feats, (list, tuple)):
+        feats = torch.stack(list(feats))
+    return feats.reshape(len(pics), -1, feats.shape[-1])
+
+
+def presence_batch(seeds, size: int):
+    """Pictures of the training distribution and their 36-object presence labels."""
+    index = {o: i for i, o in enumerate(toyworld.all_objects())}
+    pics, labels = [], torch.zeros(len(seeds), len(index))
+    for b, seed in enumerate(seeds):
+        pic, scene = toyworld.make_scene(seed, size)
+        pics.append(pic)
+        for obj in scene.objects:
+            labels[b, index[obj]] = 1
+    return pics, labels
+
+
+def pretrain_vision(fam, size: int, steps: int, batch: int, lr: float, eval_every: int) -> dict:
+    """Stage 0: the vision tower's own pre-training, as LLaVA-1.5 starts from a pre-trained CLIP. Multi-label presence
+    of the world's 36 objects: a linear head over the projected image features (the decoder's own input), max over
+    the image tokens, binary cross-entropy; the head is thrown away. Without it the end-to-end loss teaches colours
+    within a few hundred steps and shapes never (the answers follow colour alone: runs 1-4 in the README)."""
+    model = fam.model
+    params = list(vision_tower(model).parameters())
+    proj = getattr(getattr(model, "model", model), "multi_modal_projector", None)
+    if proj is not None:
+        params += list(proj.parameters())
+    hidden = image_features(fam, presence_batch([VISION_SEED], size)[0]).shape[-1]
+    head = torch.nn.Linear(hidden, len(toyworld.all_objects()))
+    opt = torch.optim.AdamW(params + list(head.parameters()), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    warm = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+    held_pics, held = presence_batch(range(VALIDATION_SEED + 500_000, VALIDATION_SEED + 500_300), size)
+
+    def score() -> dict:
+        with torch.no_grad():
+            guess = head(image_features(fam, held_pics)).amax(1) > 0
+        truth = held > 0
+        same_colour_absent = []  # a present object's colour in each absent shape: does the tower say "absent"?
+        objects = toyworld.all_objects()
+        for b in range(len(truth)):
+            for i in truth[b].nonzero().flatten().tolist():
+                for j, other in enumerate(objects):
+                    if other[0] == objects[i][0] and not truth[b, j]:
+                        same_colour_absent.append(not guess[b, j].item())
+        return {"exact_set": round((guess == truth).all(1).float().mean().item(), 4),
+                "recall": round((guess & truth).sum().item() / truth.sum().item(), 4),
+                "same_colour_absent": round(float(np.mean(same_colour_absent)), 4)}
+
+    curve, t0, ema = [], time.time(), None
+    model.train()
+    for step in range(1, steps + 1):
+        start = VISION_SEED + (step - 1) * batch
+        pics, labels = presence_batch(range(start, start + batch), size)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(head(image_features(fam, pics)).amax(1), labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
+        if step % eval_every == 0 or step == steps:
+            point = {"step": step, "loss": round(ema, 5), "seconds": round(time.time() - t0, 1), **score()}
+            curve.append(point)
+            print(f"vision step {step}  {point}", flush=True)
+    for p in vision_tower(model).parameters():  # frozen from here on, as LLaVA-1.5's CLIP
+        p.requires_grad_(False)
+    return {"steps": steps, "batch_pictures": batch, "lr": lr,
+            "objective": "36-object presence, linear head on the projected image features, max over tokens, BCE",
+            "seeds": [VISION_SEED, VISION_SEED + steps * batch], "held_out": "300 pictures from "
+            f"{VALIDATION_SEED + 500_000}", "curve": curve, "final": curve[-1] if curve else None,
+            "then": "vision tower frozen; projector and decoder trained on the questions and captions"}
+
+
 def answer_accuracy(fam, size: int, n: int = 96) -> dict:
     """Greedy first word of the answer on ``n`` held-out random-split questions (half yes): accuracy, yes-ratio."""
     from scr_export import pope
@@ -142,6 +230,11 @@ def main(argv=None) -> int:
     ap.add_argument("--start-seed", type=int, default=0, help="first training picture's seed")
     ap.add_argument("--patch", type=int, default=None,
                     help="vision patch size in place of the preset's (a finer grid: more image tokens)")
+    ap.add_argument("--vision-steps", type=int, default=0,
+                    help="stage 0: pre-train the vision tower (and projector) on the objects' presence for this many "
+                         "steps, then freeze the tower (LLaVA-1.5's recipe over a pre-trained CLIP)")
+    ap.add_argument("--vision-batch", type=int, default=32)
+    ap.add_argument("--vision-lr", type=float, default=2e-3)
     ap.add_argument("--final-questions", type=int, default=200, help="held-out questions of the final score")
     ap.add_argument("--minutes", type=float, default=None, help="stop (and save) after this long")
     ap.add_argument("--stop-at", type=int, default=None,
@@ -179,8 +272,13 @@ def main(argv=None) -> int:
     print(f"{args.preset}: {params / 1e6:.2f} M parameters, pictures {size} px, {args.steps} steps x {args.batch}",
           flush=True)
     torch.manual_seed(SEED)
+    vision_record = None
+    if args.vision_steps:
+        vision_record = pretrain_vision(fam, size, args.vision_steps, args.vision_batch, args.vision_lr,
+                                        max(1, min(args.eval_every, args.vision_steps)))
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
     warm = max(1, args.steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps))))
@@ -192,7 +290,7 @@ def main(argv=None) -> int:
         loss = model(**batch).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         opt.step()
         sched.step()
         ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
@@ -231,7 +329,7 @@ def main(argv=None) -> int:
                        "image_px": size},
               "torch": torch.__version__, "minutes": round((time.time() - t0) / 60, 1),
               "final_heldout_random": final, "final_questions": args.final_questions, "curve": curve,
-              "init": init_record, "patch_override": args.patch,
+              "vision_stage": vision_record, "init": init_record, "patch_override": args.patch,
               "command": " ".join(["python examples/toy/train.py", *sys.argv[1:]])}
     (staged / "training.json").write_text(json.dumps(record, indent=1))
     if out.exists():
