@@ -162,7 +162,7 @@ def test_the_trainer_runs_end_to_end_and_writes_a_loadable_checkpoint_with_its_r
     out = tmp_path / "toy"
     res = subprocess.run([sys.executable, str(root / "examples" / "toy" / "train.py"), "toy-llava", "--steps", "4",
                           "--batch", "2", "--eval-every", "1000", "--final-questions", "8", "--hard", "--stop-at", "3",
-                          "--out", str(out)], capture_output=True, text=True,
+                          "--vision-steps", "2", "--vision-batch", "2", "--out", str(out)], capture_output=True, text=True,
                          timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     record = json.loads((out / "training.json").read_text())
@@ -173,9 +173,42 @@ def test_the_trainer_runs_end_to_end_and_writes_a_loadable_checkpoint_with_its_r
     final = record["final_heldout_random"]
     assert 0.0 <= final["accuracy"] <= 1.0 and 0.0 <= final["yes_ratio"] <= 1.0
     assert [p["step"] for p in record["curve"]] == []  # stopped before the first point of the curve
+    vision = record["vision_stage"]
+    assert vision["steps"] == 2 and vision["seeds"][1] - vision["seeds"][0] == 4
+    assert [p["step"] for p in vision["curve"]] == [2] and 0 <= vision["final"]["exact_set"] <= 1
     vlm = load_vlm(str(out))
     assert vlm.name == "llava" and vlm.num_layers == 4
     assert not list(out.parent.glob(".toy-llava-out-*"))  # staged output renamed into place
+
+
+def test_the_vision_stage_trains_the_tower_then_freezes_it():
+    """Stage 0 (LLaVA-1.5 over a pre-trained CLIP): the presence objective moves the tower's and the projector's
+    weights, and leaves the tower frozen for the end-to-end stage while the projector stays trainable."""
+    import importlib.util
+    import tempfile
+
+    import torch
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("toy_train", root / "examples" / "toy" / "train.py")
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    model, tok, ip, pc = train.build("toy-llava")
+    with tempfile.TemporaryDirectory() as work:
+        fam = train.family_for(model, tok, ip, pc, Path(work))
+        tower = train.vision_tower(model)
+        proj = model.model.multi_modal_projector
+        before = {n: p.detach().clone() for n, p in (*tower.named_parameters(), *proj.named_parameters())}
+        record = train.pretrain_vision(fam, train.image_size(fam), steps=2, batch=2, lr=1e-3, eval_every=2)
+    after = dict((*tower.named_parameters(), *proj.named_parameters()))
+    moved = {n for n in after if not torch.equal(after[n], before[n])}
+    last = f"encoder.layers.{model.config.vision_config.num_hidden_layers - 1}."
+    read = {n for n in after if last not in n and "post_layernorm" not in n}  # vision_feature_layer -2
+    assert moved == read, sorted(moved ^ read)  # what the decoder reads moved; the unread last layer did not
+    assert not any(p.requires_grad for p in tower.parameters())
+    assert all(p.requires_grad for p in proj.parameters())
+    assert all(p.requires_grad for p in model.model.language_model.parameters())
+    assert record["final"]["step"] == 2
 
 
 def test_the_pope_benchmark_smoke(tmp_path):
