@@ -31,6 +31,12 @@ from scr_export.manifest import QUANTIZED as PRECISIONS
 from .recipe import (INT4_ACCURACY_LEVEL, INT4_BLOCK_SIZE, check_quantized, linear_matmuls, quantize_int8_or_fp8,
                      quantize_weight_only, to_quantize)
 
+# SmoothQuant's migration strength for the MLP's down projection (graph_passes/smoothing.py); 0.5 is the paper's
+# default. Measured on toy-llava (README, "Quantized models"): int8's SCR effect with the reference's plan 0.91 -> 0.96
+# (0.97 at 0.7); fp8 gets none by default: ORT sets E4M3 weight scales from each column's std, and the rows smoothing
+# scales up are clipped by them (fp8 logits cosine 0.9995 -> 0.991 with smoothing).
+SMOOTH_ALPHA = 0.5
+SMOOTH_DEFAULT = {"int8": SMOOTH_ALPHA, "fp8": None}
 QUANT_OPSET = 21   # blocked int4 and float8 Q/DQ need 21; exporting at 21 keeps the SCR function's opset equal
 DIAGNOSTIC_CHOICES = ("auto", "same", "w8", "float")
 # what the diagnostic graph becomes by default, per (precision, target): the plan's stability measured on
@@ -49,6 +55,7 @@ class QuantizeSpec:
     decode_steps: int = 4
     diagnostic: str = "auto"             # the diagnostic graph: like the decoder, int8 weight-only, or float32
     int4_accuracy_level: int = INT4_ACCURACY_LEVEL
+    smooth_alpha: float | None = None    # SmoothQuant on the MLP down projections: None = SMOOTH_DEFAULT, 0 = off
     calibration: CalibrationSet | None = None   # filled by check()
 
     @property
@@ -82,7 +89,14 @@ class QuantizeSpec:
         if self.int4_accuracy_level not in (0, 1, 2, 3, 4):
             raise SCRExportError(f"--int4-accuracy-level {self.int4_accuracy_level} is not 0..4",
                                  "use 4 (int8 activations, fast on CPU) or 1 (float32 activations)")
+        if self.smooth_alpha is not None and not 0.0 <= self.smooth_alpha < 1.0:
+            raise SCRExportError(f"--smooth-alpha {self.smooth_alpha} is outside [0, 1)",
+                                 f"use {SMOOTH_ALPHA} (SmoothQuant's default) or 0 to turn smoothing off")
+        self.smooth_alpha = SMOOTH_DEFAULT.get(self.precision) if self.smooth_alpha is None else self.smooth_alpha or None
         if not self.needs_calibration:
+            if self.smooth_alpha:
+                raise SCRExportError("int4 is weight-only: --smooth-alpha smooths activation ranges it does not have",
+                                     "drop --smooth-alpha, or use --precision int8 or fp8")
             if self.calib_data is not None or self.calib_samples is not None:
                 raise SCRExportError("int4 is weight-only (round-to-nearest blocks): it uses no calibration data",
                                      "drop --calib-data / --calib-samples, or use --precision int8 or fp8")
@@ -115,6 +129,7 @@ class Quantizer:
 
         spec = self.spec
         key = ranges.cache_key(checkpoint=manifest["source"]["sha256"], scr=manifest["scr"], graph=graph,
+                               smoothing=getattr(self, "smoothing_key", None),
                                scr_on=scr, method=str(method), data=spec.calibration.fingerprint,
                                decode_steps=spec.decode_steps, exporter=manifest["exporter"],
                                versions=manifest["versions"], opset=QUANT_OPSET, tensors=sorted(tensors))
@@ -133,6 +148,56 @@ class Quantizer:
 
         path, hit = ranges.cached_ranges(key, compute, progress=self.progress)
         return path, hit, (readers[0] if readers else None)
+
+    def _smooth(self, runner: Any, tmp: Path) -> dict[str, Any]:
+        """SmoothQuant on the float graphs before their ranges are taken: the down projections' per-channel input
+        maxima over the calibration data (the decoder with SCR, as calibrated), folded into the up / down weights of
+        the decoder and of the diagnostic graph (in place; a weights file the two share is edited once)."""
+        import hashlib
+
+        import onnx
+
+        from graph_passes.smoothing import down_projections, smooth
+        from scr_export.convert import GRAPH_FILES
+
+        from . import ranges
+        from .reader import SCRCalibrationReader
+
+        spec = self.spec
+        t0 = time.perf_counter()
+        decoder = tmp / GRAPH_FILES["decoder"]
+        lin = linear_matmuls(decoder)
+        model = onnx.load(str(decoder), load_external_data=False)
+        dims = {t.name: list(t.dims) for t in model.graph.initializer}
+        pairs = down_projections(model, lin)
+        del model
+        if not pairs:
+            raise SCRExportError("the decoder has no MLP down projection smoothing can fold (up * act(gate) -> down)",
+                                 "convert with --smooth-alpha 0 (smoothing off)")
+        reader = SCRCalibrationReader(runner, spec.calibration.samples, graph="decoder", scr=True,
+                                      decode_steps=spec.decode_steps)
+        stats = ranges.channel_absmax(decoder, reader, {p.activation: dims[p.down_weight][0] for p in pairs},
+                                      shared=runner.shared_weights)
+        by_layer = {p.layer: stats[p.activation] for p in pairs}
+        digest = hashlib.sha256(b"".join(by_layer[k].tobytes() for k in sorted(by_layer)))
+        self.smoothing_key = f"{spec.smooth_alpha}:{digest.hexdigest()[:16]}"
+        done: set = set()
+        record: dict[str, Any] = {"method": "SmoothQuant on the MLP down projections (graph_passes/smoothing.py)",
+                                  "alpha": spec.smooth_alpha, "graphs": {}}
+        for g in ("decoder", "diagnostic"):
+            path = tmp / GRAPH_FILES[g]
+            if not path.is_file():
+                continue
+            g_lin = lin if g == "decoder" else linear_matmuls(path)
+            g_pairs = down_projections(onnx.load(str(path), load_external_data=False), g_lin)
+            acts = {p.activation: by_layer[p.layer] for p in g_pairs if p.layer in by_layer}
+            record["graphs"][g] = smooth(path, g_lin, acts, spec.smooth_alpha, done=done)
+        record["seconds"] = round(time.perf_counter() - t0, 1)
+        worst = max((v["act_max_over_median_before"], v["act_max_over_median_after"])
+                    for v in record["graphs"]["decoder"].values())
+        self.progress(f"smoothed {len(pairs)} down projections (alpha {spec.smooth_alpha}): activation max / median "
+                      f"channel {worst[0]:.0f} -> {worst[1]:.0f} at worst, {record['seconds']:.1f}s")
+        return record
 
     def __call__(self, tmp: Path, manifest: dict, family: Any) -> None:
         from onnxruntime.quantization import CalibrationMethod
@@ -161,9 +226,16 @@ class Quantizer:
                       "attention MatMuls and the lm_head stay float",
         }
         if spec.needs_calibration:
-            method = CalibrationMethod.MinMax if spec.precision == "int8" else CalibrationMethod.Distribution
+            # MinMax for both: int8's symmetric ranges, and fp8's amax scales (ranges.fp8_amax_ranges: ORT's own
+            # Distribution estimate clips a trained decoder's outlier channels; toy-llava cosine 0.44 -> README)
+            method = CalibrationMethod.MinMax
             # the float graphs, as `run` runs them; the weights file mapped once for the runner and the calibrator
             runner = OrtVLM(tmp, device="cpu", scr_kernel="function", attention="eager", share_weights=True)
+            if spec.smooth_alpha:
+                record["smoothing"] = self._smooth(runner, tmp)
+                runner.release()  # its mapped weights predate the edit: the ranges run on the smoothed graphs
+                del runner
+                runner = OrtVLM(tmp, device="cpu", scr_kernel="function", attention="eager", share_weights=True)
             cal: dict[str, Any] = {**spec.calibration.describe(), "method": method.name,
                                    "decode_steps": spec.decode_steps, "graphs": {}}
             if spec.calibration.synthetic:
@@ -176,7 +248,8 @@ class Quantizer:
                 tensors = sorted({lin[n]["activation"] for n in quant})
                 scr = g == "decoder"  # the diagnostic pass runs without SCR by definition
                 path, hit, reader = self._ranges(runner, manifest, files[g], g, method, scr, tensors)
-                entry: dict[str, Any] = {"ranges": ranges.copy_into(path, tmp, g), "cache": "hit" if hit else "miss",
+                entry: dict[str, Any] = {"ranges": ranges.copy_into(path, tmp, g, fp8_amax=precision_of[g] == "fp8"),
+                                         "cache": "hit" if hit else "miss",
                                          "cache_key": path.stem}
                 if reader is not None:
                     entry["samples_with_scr_plan"] = sum(1 for p in reader.plans if not _identity(p))

@@ -243,6 +243,9 @@ class Convert(Command):
         q.add_argument("--int4-accuracy-level", type=int, default=4, metavar="L",
                        help="MatMulNBits compute type on ONNX Runtime: 4 = int8 activations (default, fast on CPU), "
                             "1 = float32 activations")
+        q.add_argument("--smooth-alpha", type=float, default=None, metavar="A",
+                       help="SmoothQuant strength for the MLP down projections' activation outliers, folded into "
+                            "the up / down weights before calibration (default: 0.5 for int8, off for fp8; 0 = off)")
         t = p.add_argument_group("--to trt: engine limits (optimisation profiles) and building")
         t.add_argument("--max-batch", type=int, default=1, metavar="N", help="prompts per call (default 1)")
         t.add_argument("--max-images", type=int, default=1, metavar="N", help="images per prompt (default 1)")
@@ -295,7 +298,8 @@ class Convert(Command):
 
             spec = QuantizeSpec(precision, target=args.to, calib_data=args.calib_data,
                                 calib_samples=args.calib_samples, decode_steps=args.calib_decode_steps,
-                                diagnostic=args.diagnostic_precision, int4_accuracy_level=args.int4_accuracy_level)
+                                diagnostic=args.diagnostic_precision, int4_accuracy_level=args.int4_accuracy_level,
+                                smooth_alpha=args.smooth_alpha)
             limits = Limits(max_batch=args.max_batch, max_images=args.max_images,
                             max_image_tokens=args.max_image_tokens, max_seq=args.max_seq)
             res = convert_quantized(args.model, args.out, spec=spec, config_overrides=_scr_overrides(args),
