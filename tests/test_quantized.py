@@ -477,3 +477,47 @@ def test_packed_qkv_is_bit_identical_and_feeds_group_query_attention(tmp_path, q
     assert dm["packed_qkv_layers"] == d["num_layers"] and dm["gqa"]["rotary_inside"]
     g = onnx.load(str(default / dm["gqa"]["file"]), load_external_data=False)
     assert all(n.input[1] == "" and n.input[2] == "" for n in g.graph.node if n.op_type == "GroupQueryAttention")
+
+
+# The trained toy-llava (issue 21): expectations per precision, over the held-out shapes POPE questions, with the
+# README's table as the source. int8 passes every gate (SmoothQuant on the down projections: without it the SCR
+# effect with the reference's plan was 0.91-0.93); fp8 (amax scales) keeps the logits (cosine >= 0.995) and the
+# answers, and misses only what E4M3's 3-bit mantissa costs a 10 % edit: the norm ratio, the SCR effect and the map
+# error of its fp8 diagnostic graph.
+TOY_FP8_MISSES = ("|norm ratio - 1|", "SCR effect (ref. plan)", "SCR effect (end-to-end)", "map error (relative)",
+                  "source Jaccard", "plan identical")
+
+
+def _toy_validate(tmp_path, precision: str, limit: int = 30) -> tuple[int, dict]:
+    out = tmp_path / f"toy-{precision}"
+    conv = subprocess.run([sys.executable, "-m", "scr_export.cli", "convert", "toy-llava", "--to", "onnx",
+                           "--precision", precision, "--calib-data", str(ROOT / "examples" / "shapes-calibration"),
+                           "--out", str(out), "--no-validate"], capture_output=True, text=True, timeout=900)
+    assert conv.returncode == 0, conv.stderr[-3000:]
+    report = tmp_path / f"{precision}.json"
+    res = subprocess.run([sys.executable, "-m", "scr_export.cli", "validate", str(out), "--data",
+                          str(ROOT / "examples" / "shapes-pope" / "adversarial.jsonl"), "--limit", str(limit),
+                          "--steps", "2", "--json", str(report)], capture_output=True, text=True, timeout=900)
+    assert report.is_file(), res.stderr[-3000:]
+    return res.returncode, json.loads(report.read_text())
+
+
+def test_trained_toy_llava_int8_passes_every_gate(tmp_path):
+    rc, report = _toy_validate(tmp_path, "int8")
+    failures = [f for c in report["comparisons"].values() for f in c["failures"]]
+    assert rc == 0 and report["passed"] and not failures, failures
+    manifest = json.loads((tmp_path / "toy-int8" / "manifest.json").read_text())
+    smoothing = manifest["quantization"]["smoothing"]
+    assert smoothing["alpha"] == 0.5 and set(smoothing["graphs"]["decoder"]) == {"0", "1", "2", "3"}
+    assert report["pope"]["agreement_scr"] >= 0.95 and report["pope"]["agreement_off"] >= 0.95
+
+
+def test_trained_toy_llava_fp8_keeps_logits_and_answers_and_misses_only_the_known_gates(tmp_path):
+    rc, report = _toy_validate(tmp_path, "fp8")
+    flt = report["comparisons"]["float"]
+    assert flt["aggregates"]["cosine"]["tail"] >= 0.995, flt["aggregates"]["cosine"]  # was 0.44 (std-based scales)
+    assert flt["aggregates"]["top1"]["tail"] >= 0.97
+    unexplained = [f for f in flt["failures"] if not f.startswith(TOY_FP8_MISSES)]
+    assert not unexplained, unexplained
+    assert report["pope"]["agreement_scr"] >= 0.95 and report["pope"]["agreement_off"] >= 0.95
+    assert rc == (0 if report["passed"] else 1)
